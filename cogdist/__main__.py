@@ -1,0 +1,3 @@
+from cogdist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The Python API. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cogdist.engine import RenderSummary, plan
+from cogdist.engine import run as _run
+from cogdist.errors import UsageError
+from cogdist.manifest import ManifestSource, ValidationReport
+from cogdist.models.registry import PRESETS, ModelSpec
+from cogdist.options import RenderOptions
+from cogdist.scheduler.pending import count_pending
+from cogdist.sink.job import JOB_RECORD
+from cogdist.sink.ledger import FAILURES, INDEX, read_ids, read_table
+from cogdist.storage import open_location
+
+_OPTION_NAMES = {f.name for f in fields(RenderOptions)} - {"manifest", "model", "out"}
+
+
+def render(manifest: str, *, model: str, out: str, **options: object) -> RenderSummary:
+    """Render every row of `manifest` with `model` into `out`; resumes what `out` already holds.
+
+    `options` are the fields of `RenderOptions` (replicas, batch_size, max_retries, format,
+    steps, guidance, address, overwrite, retry_failed, ...). Raises a CogdistError subclass for
+    anything refused before rendering; rows that fail are recorded, not raised: check
+    `summary.ok`.
+    """
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTION_NAMES))}")
+    return _run(RenderOptions(manifest=manifest, model=model, out=out, **options))  # type: ignore[arg-type]
+
+
+def validate(manifest: str, *, model: str, **options: object) -> ValidationReport:
+    """Run the manifest checks of a render (and its option checks) without rendering anything."""
+    job = plan(RenderOptions(manifest=manifest, model=model, out=".", **options))  # type: ignore[arg-type]
+    return ValidationReport(rows=job.source.num_rows, files=len(job.source.files))
+
+
+def models() -> list[ModelSpec]:
+    """The model presets (tiny random-weight ones included)."""
+    return list(PRESETS.values())
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    out: str
+    model: str | None
+    done: int
+    failed: int
+    """Ids recorded under failures/ and not (since) in the index."""
+    pending: int | None
+    """Manifest rows neither done nor failed; None when no manifest was given."""
+    failures: list[tuple[str, str, int]]
+    """(id, error, attempts) of the failed rows, latest record per id, up to 20."""
+
+
+def status(out: str, manifest: str | None = None) -> JobStatus:
+    location = open_location(out)
+    done = read_ids(location, INDEX)
+    model = None
+    if location.exists(JOB_RECORD):
+        model = json.loads(location.read_bytes(JOB_RECORD))["settings"]["model"]
+    table = read_table(location, FAILURES)
+    failures: list[tuple[str, str, int]] = []
+    failed = 0
+    if table is not None and table.num_rows:
+        table = table.filter(pc.invert(pc.is_in(table["id"], value_set=done)))
+        latest: dict[str, tuple[str, str, int]] = {}
+        for row in table.sort_by("failed_at").to_pylist():
+            latest[row["id"]] = (row["id"], row["error"], row["attempts"])
+        failed = len(latest)
+        failures = list(latest.values())[:20]
+    pending = None
+    if manifest is not None:
+        failed_ids = pa.array([f for f in _failed_ids(table)], pa.string())
+        counts = count_pending(ManifestSource(manifest), done, failed_ids)
+        pending = counts.pending
+    return JobStatus(location.public_uri, model, len(done), failed, pending, failures)
+
+
+def _failed_ids(table: pa.Table | None) -> list[str]:
+    return [] if table is None else table["id"].to_pylist()

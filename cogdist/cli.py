@@ -1,0 +1,162 @@
+"""`cogdist` command line: render, validate, status, models. A thin layer over cogdist.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from dataclasses import asdict
+
+from cogdist import __version__
+from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, CogdistError
+
+EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorded under OUT/failures)
+or the run stopped; 2 refused before rendering (bad manifest, options or conflicting resume);
+130 interrupted."""
+
+
+def _add_model_defaults(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("defaults for rows that leave a column empty")
+    group.add_argument("--width", type=int, help="default width (model's default otherwise)")
+    group.add_argument("--height", type=int, help="default height")
+    group.add_argument("--steps", type=int, help="default num_inference_steps")
+    group.add_argument("--guidance", type=float, help="default guidance_scale")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cogdist",
+        description="Render batches of CogView4 / CogVideoX / GLM-Image outputs across GPUs with Ray.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"cogdist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    render = commands.add_parser("render", help="render a manifest (re-run the same command to resume)", epilog=EPILOG)
+    render.add_argument("manifest", help="Parquet file, folder or glob; local path or s3:// / gs:// URI")
+    render.add_argument("--model", required=True, help="preset (see `cogdist models`), HF repo id or local folder")
+    render.add_argument("--out", required=True, help="output folder or s3:// / gs:// prefix")
+    render.add_argument("--replicas", type=int, help="gangs in parallel (default: one per GPU, 2 without GPUs)")
+    render.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: GPUs per gang (default 1)")
+    render.add_argument("--batch-size", type=int, default=1, help="rows of one shape per pipeline call (default 1)")
+    render.add_argument("--max-in-flight", type=int, default=2, help="units queued per replica (default 2)")
+    render.add_argument("--max-retries", type=int, default=2, help="retries of a failing row (default 2)")
+    render.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="image format")
+    render.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    render.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    render.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    render.add_argument("--cpus-per-worker", type=float, help="logical CPUs reserved per worker")
+    render.add_argument("--overwrite", action="store_true", help="start over: remove what an earlier job wrote to OUT")
+    render.add_argument("--retry-failed", action="store_true", help="render rows recorded under failures/ again")
+    render.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_defaults(render)
+
+    validate = commands.add_parser("validate", help="check a manifest against a model without rendering")
+    validate.add_argument("manifest")
+    validate.add_argument("--model", required=True)
+    _add_model_defaults(validate)
+
+    status = commands.add_parser("status", help="done / failed (and pending, given the manifest) of an OUT")
+    status.add_argument("out")
+    status.add_argument("--manifest", help="count pending rows of this manifest too")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    models = commands.add_parser("models", help="list the model presets")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _render(args: argparse.Namespace) -> int:
+    from cogdist.api import render
+
+    summary = render(
+        args.manifest,
+        model=args.model,
+        out=args.out,
+        replicas=args.replicas,
+        sp=args.sp,
+        batch_size=args.batch_size,
+        max_in_flight=args.max_in_flight,
+        max_retries=args.max_retries,
+        format=args.format,
+        quality=args.quality,
+        dtype=args.dtype,
+        address=args.address,
+        cpus_per_worker=args.cpus_per_worker,
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
+    print(summary.describe())
+    return summary.exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from cogdist.api import validate
+
+    report = validate(
+        args.manifest, model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance
+    )
+    print(f"ok: {report.rows} rows in {report.files} file(s) can be rendered with {args.model}")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cogdist.api import status
+
+    result = status(args.out, args.manifest)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return EXIT_OK
+    print(f"{result.out}: model {result.model or '?'}")
+    print(f"  done     {result.done}")
+    print(f"  failed   {result.failed}")
+    if result.pending is not None:
+        print(f"  pending  {result.pending}")
+    for item_id, error, attempts in result.failures:
+        print(f"  failed {item_id!r} after {attempts} attempt(s): {error.splitlines()[0][:200]}")
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> int:
+    from cogdist.api import models
+
+    specs = models()
+    if args.json:
+        print(json.dumps([{**asdict(s), "conditioning": sorted(s.conditioning)} for s in specs], indent=2))
+        return EXIT_OK
+    print(f"{'MODEL':<24} {'KIND':<6} {'DEFAULT':<18} {'SIZES':<44} DESCRIPTION")
+    for s in specs:
+        default = f"{s.width}x{s.height} {s.num_inference_steps}st"
+        print(f"{s.name:<24} {s.kind:<6} {default:<18} {s.sizes.describe():<44} {s.description}")
+    print("\nAlso accepted: any Hugging Face repo id of these pipelines, or a local folder with model_index.json.")
+    return EXIT_OK
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # `ray job stop` and Kubernetes send SIGTERM: unwind so that finished rows are committed.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    handlers = {"render": _render, "validate": _validate, "status": _status, "models": _models}
+    try:
+        return handlers[args.command](args)
+    except CogdistError as e:
+        print(f"cogdist: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cogdist: interrupted; finished rows are committed, re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+

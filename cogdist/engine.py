@@ -1,0 +1,411 @@
+"""The render engine, run in the driver: manifest -> scheduler -> gangs -> index.
+
+Everything that can be checked is checked before Ray starts (model, options, the whole
+manifest, the job record in OUT), so a refused run writes nothing. Then the loop keeps every
+replica `max_in_flight` units deep, commits finished rows to the index in batches, retries
+failed rows, and rebuilds a replica whose workers die.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangError
+from cogdist.executor.cluster import Cluster, connect, disconnect
+from cogdist.executor.gang import Gang, GangSpec, GangState, RestartPolicy
+from cogdist.manifest import ManifestSource, validate_manifest
+from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
+from cogdist.options import RenderOptions
+from cogdist.progress import Progress
+from cogdist.scheduler import Failed, Finished, Scheduler
+from cogdist.scheduler.pending import PendingCount, count_pending, pending_rows
+from cogdist.sink.encode import extension
+from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job_record
+from cogdist.sink.ledger import FAILURE_SCHEMA, FAILURES, INDEX, PartWriter, index_schema, now_utc, read_ids
+from cogdist.storage import Location, open_location
+from cogdist.worker.worker import RenderWorker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+COMMIT_ROWS = 1000  # commit early when this many rows are waiting
+PLACEMENT_WARN_SECONDS = 60.0
+WAIT_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class RenderSummary:
+    """What a render did. `ok` is true when every manifest row is in the index."""
+
+    out: str
+    model: str
+    total: int
+    """Rows in the manifest."""
+    done: int
+    """Rows rendered and indexed by this run."""
+    skipped: int
+    """Rows already in the index when this run started."""
+    failed: int
+    """Rows this run recorded under failures/."""
+    previously_failed: int
+    """Rows an earlier run recorded as failed, skipped now (see retry_failed)."""
+    seconds: float
+    ray_start_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped + self.done == self.total
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.ok else EXIT_ROWS_FAILED
+
+    def describe(self) -> str:
+        rate = self.done / self.seconds if self.seconds else 0.0
+        text = (
+            f"{self.done} rendered, {self.skipped} already done, {self.failed} failed"
+            f"{f', {self.previously_failed} failed earlier (not retried)' if self.previously_failed else ''}"
+            f" of {self.total} rows in {self.seconds:.1f}s ({rate:.2f} items/s) -> {self.out}"
+        )
+        if self.failed or self.previously_failed:
+            text += (
+                f"\n{self.failed + self.previously_failed} row(s) are recorded in {self.out}/{FAILURES}; "
+                "`cogdist status` lists them, --retry-failed renders them again"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A render that passed every up-front check."""
+
+    options: RenderOptions
+    spec: ModelSpec
+    source: ManifestSource
+    out: Location
+    settings: JobSettings
+
+
+def plan(options: RenderOptions) -> Plan:
+    """Resolve the model and check options and manifest; writes nothing."""
+    spec = with_defaults(
+        resolve_model(options.model),
+        width=options.width,
+        height=options.height,
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance,
+    )
+    options.check(spec)
+    source = ManifestSource(options.manifest)
+    validate_manifest(source, spec)
+    out = open_location(options.out)
+    settings = JobSettings(
+        model=spec.name,
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        format=options.format,
+        quality=options.quality,
+        dtype=options.dtype,
+        columns=tuple(source.schema.names),
+    )
+    return Plan(options, spec, source, out, settings)
+
+
+def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderSummary:
+    """Render every pending row of the manifest; see `cogdist.render` for the user-facing API."""
+    started = time.perf_counter()
+    job = plan(options)
+    out = job.out
+    if options.overwrite:
+        clear_outputs(out)
+    if not check_resume(out, job.settings):
+        write_job_record(out, job.settings)
+    for folder in (INDEX, FAILURES):
+        out.sweep_temporary(folder)
+
+    done_ids = read_ids(out, INDEX)
+    failed_ids = pa.array([], pa.string()) if options.retry_failed else read_ids(out, FAILURES)
+    counts = count_pending(job.source, done_ids, failed_ids)
+    log_line = (
+        f"cogdist: {counts.total} rows in manifest, {counts.done} already done"
+        + (f", {counts.failed} failed earlier (skipped)" if counts.failed else "")
+        + f", {counts.pending} to render with {job.spec.name} -> {out.public_uri}"
+    )
+    if options.progress:
+        print(log_line, file=sys.stderr, flush=True)
+
+    def summary(done: int = 0, failed: int = 0, ray_seconds: float = 0.0) -> RenderSummary:
+        return RenderSummary(
+            out=out.public_uri,
+            model=job.spec.name,
+            total=counts.total,
+            done=done,
+            skipped=counts.done,
+            failed=failed,
+            previously_failed=counts.failed,
+            seconds=time.perf_counter() - started,
+            ray_start_seconds=ray_seconds,
+        )
+
+    if counts.pending == 0:
+        return summary()
+
+    skip = pa.concat_arrays([done_ids, failed_ids])
+    rows = pending_rows(job.source, skip, job.spec, extension(options.format))
+    scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
+    embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.sp)
+    cluster = connect(options.address, num_cpus=embedded_cpus)
+    try:
+        loop = RenderLoop(job, cluster, scheduler, counts, worker_class)
+        loop.run()
+    finally:
+        disconnect(cluster)
+    return summary(loop.done, loop.failed, cluster.start_seconds)
+
+
+def replica_layout(options: RenderOptions, cluster: Cluster) -> tuple[int, GangSpec]:
+    """How many gangs, and what each member reserves, on this cluster."""
+    if cluster.gpus >= 1:
+        replicas = options.replicas or max(1, int(cluster.gpus // options.sp))
+        return replicas, GangSpec(options.sp, options.cpus_per_worker or 1.0, 1.0)
+    replicas = options.replicas or 2
+    share = max(1, int(cluster.max_node_cpus // (replicas * options.sp)))
+    return replicas, GangSpec(options.sp, options.cpus_per_worker or float(share), 0.0)
+
+
+@dataclass
+class Replica:
+    index: int
+    gang: Gang
+    restarts: int = 0
+    setup_pending: set = field(default_factory=set)
+    last_error: str | None = None
+    warned_placement: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.gang.state == GangState.READY
+
+
+class RenderLoop:
+    def __init__(
+        self,
+        job: Plan,
+        cluster: Cluster,
+        scheduler: Scheduler,
+        counts: PendingCount,
+        worker_class: type,
+    ):
+        import ray
+
+        self.ray = ray
+        self.job = job
+        self.options = job.options
+        self.scheduler = scheduler
+        self.policy = RestartPolicy(self.options.max_gang_restarts)
+        n, gang_spec = replica_layout(self.options, cluster)
+        settings = WorkerSettings(
+            format=self.options.format,
+            quality=self.options.quality,
+            dtype=self.options.dtype,
+            threads=None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member),
+        )
+        args = (job.spec, job.out.uri, settings)
+        self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
+        self.waiting: dict = {}  # ObjectRef -> (Replica, unit id or None for a setup call)
+        self.index = PartWriter(job.out, INDEX, index_schema(job.source.schema))
+        self.failures = PartWriter(job.out, FAILURES, FAILURE_SCHEMA)
+        self.progress = Progress(counts.pending, self.options.progress, n)
+        self.done = 0
+        self.failed = 0
+        self.extension = extension(self.options.format)
+        if self.options.progress:
+            self.progress.write(
+                f"cogdist: {n} replica(s) of {gang_spec.describe()} on a cluster with "
+                f"{cluster.cpus:g} CPU / {cluster.gpus:g} GPU (Ray {'started' if cluster.owned else 'joined'} "
+                f"in {cluster.start_seconds:.1f}s)"
+            )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            for replica in self.replicas:
+                self._start(replica)
+            last_commit = time.monotonic()
+            while not self.scheduler.finished:
+                self._dispatch()
+                if not self.waiting:
+                    raise GangError(self._all_replicas_lost())
+                ready, _ = self.ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_SECONDS)
+                if ready:
+                    ready, _ = self.ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
+                for ref in ready:
+                    if ref in self.waiting:  # a replica loss may have dropped it meanwhile
+                        self._handle(ref)
+                self._watch_placement()
+                pending = self.index.pending + self.failures.pending
+                if pending and (pending >= COMMIT_ROWS or time.monotonic() - last_commit >= self.options.commit_interval):
+                    self._commit()
+                    last_commit = time.monotonic()
+        finally:
+            try:
+                self._commit()
+            finally:
+                for replica in self.replicas:
+                    replica.gang.kill()
+                self.progress.close()
+
+    def _dispatch(self) -> None:
+        """Top every ready replica up to max_in_flight units."""
+        for replica in self.replicas:
+            if not replica.ready:
+                continue
+            in_flight = sum(1 for r, unit in self.waiting.values() if r is replica and unit is not None)
+            while in_flight < self.options.max_in_flight:
+                unit = self.scheduler.next_unit()
+                if unit is None:
+                    return
+                self.waiting[replica.gang.submit(unit)] = (replica, unit.unit_id)
+                in_flight += 1
+
+    def _handle(self, ref) -> None:
+        replica, unit_id = self.waiting.pop(ref)
+        exceptions = self.ray.exceptions
+        try:
+            result = self.ray.get(ref)
+        except exceptions.RayTaskError as e:
+            if unit_id is None:
+                self._lose(replica, f"could not start: {_describe(e)}")
+            else:
+                self._record([], self.scheduler.unit_failed(unit_id, _describe(e)))
+            return
+        except exceptions.RayError as e:  # the actor died or became unreachable
+            self.waiting[ref] = (replica, unit_id)  # _lose collects every ref of the replica
+            self._lose(replica, _describe(e))
+            return
+        if unit_id is None:
+            replica.setup_pending.discard(ref)
+            if not replica.setup_pending:
+                replica.gang.state = GangState.READY
+                self.progress.set_ready(sum(r.ready for r in self.replicas))
+                if self.options.progress and replica.restarts:
+                    self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
+            return
+        self._record(*self.scheduler.complete(unit_id, result.items))
+
+    def _start(self, replica: Replica) -> None:
+        refs = replica.gang.start()
+        replica.setup_pending = set(refs)
+        replica.warned_placement = False
+        for ref in refs:
+            self.waiting[ref] = (replica, None)
+
+    def _lose(self, replica: Replica, reason: str) -> None:
+        """A member died or failed to start: kill the gang, re-queue its units, maybe rebuild it."""
+        lost = [ref for ref, (r, _) in self.waiting.items() if r is replica]
+        failed: list[Failed] = []
+        for ref in lost:
+            _, unit_id = self.waiting.pop(ref)
+            if unit_id is not None:
+                failed += self.scheduler.unit_lost(unit_id, reason)
+        replica.gang.kill()
+        replica.last_error = reason
+        self.progress.set_ready(sum(r.ready for r in self.replicas))
+        self._record([], failed)
+        if self.policy.should_restart(replica.restarts):
+            replica.restarts += 1
+            self.progress.write(
+                f"cogdist: replica {replica.index} lost ({reason}); "
+                f"rebuilding it ({replica.restarts}/{self.policy.max_restarts})"
+            )
+            self._start(replica)
+        else:
+            self.progress.write(f"cogdist: replica {replica.index} given up after {replica.restarts} rebuilds: {reason}")
+
+    def _all_replicas_lost(self) -> str:
+        reasons = "\n".join(f"  replica {r.index}: {r.last_error}" for r in self.replicas)
+        return (
+            "every replica failed and was given up; the rows not rendered stay pending and a re-run "
+            f"resumes them.\n{reasons}"
+        )
+
+    def _watch_placement(self) -> None:
+        for replica in self.replicas:
+            if (
+                replica.gang.state == GangState.STARTING
+                and not replica.warned_placement
+                and time.monotonic() - replica.gang.started_at > PLACEMENT_WARN_SECONDS
+                and not replica.gang.placement_ready()
+            ):
+                replica.warned_placement = True
+                self.progress.write(
+                    f"cogdist: replica {replica.index} has waited {PLACEMENT_WARN_SECONDS:.0f}s for "
+                    f"{replica.gang.spec.describe()}; run `ray status` to see what the cluster has free"
+                )
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _record(self, finished: list[Finished], failed: list[Failed]) -> None:
+        if finished:
+            self.index.add([self._index_row(f) for f in finished])
+            self.done += len(finished)
+        if failed:
+            self.failures.add(
+                [
+                    {
+                        "id": f.row.item.id,
+                        "error": f.error,
+                        "attempts": f.row.attempts + f.row.crashes,
+                        "model": self.job.spec.name,
+                        "failed_at": now_utc(),
+                    }
+                    for f in failed
+                ]
+            )
+            self.failed += len(failed)
+            for f in failed:
+                self.progress.write(f"cogdist: row {f.row.item.id!r} failed: {f.error.splitlines()[0][:300]}")
+        if finished or failed:
+            self.progress.advance(done=len(finished), failed=len(failed))
+
+    def _index_row(self, finished: Finished) -> dict:
+        item = finished.row.item
+        row = dict(finished.row.manifest_row)
+        row.update(
+            id=item.id,
+            uri=self.job.out.uri_of(item.output),
+            path=item.output,
+            seed=item.seed,
+            width=item.width,
+            height=item.height,
+            num_frames=item.num_frames,
+            num_inference_steps=item.num_inference_steps,
+            guidance_scale=item.guidance_scale,
+            model=self.job.spec.name,
+            format=self.options.format,
+            render_seconds=finished.result.render_seconds,
+            finished_at=now_utc(),
+            attempts=finished.row.attempts + 1,
+        )
+        return row
+
+    def _commit(self) -> None:
+        self.index.commit()
+        self.failures.commit()
+
+
+def _describe(error: BaseException) -> str:
+    """One readable line (plus detail) for an error raised in a worker."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"[:2000]
+    text = str(error).strip().splitlines()
+    return (f"{type(error).__name__}: {text[-1] if text else ''}")[:2000]

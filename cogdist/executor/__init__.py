@@ -1,0 +1,1 @@
+"""How workers are started: the Ray cluster connection and gangs of worker actors."""

@@ -1,0 +1,113 @@
+"""Gangs: K worker actors in one STRICT_PACK placement group, started, used and killed as one.
+
+Ray has no primitive for actors that fail together, so a Gang owns its placement group and its
+actors (`max_restarts=0`): on any member's death the engine kills the rest, removes the group
+and builds a new gang (the pattern of Ray Train's worker group and vLLM's Ray executor).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cogdist.work import WorkUnit
+
+
+@dataclass(frozen=True)
+class GangSpec:
+    """The shape of one replica."""
+
+    size: int = 1
+    """Workers (GPUs) per gang; sequence-parallel degree times CFG-parallel degree."""
+    cpus_per_member: float = 1.0
+    gpus_per_member: float = 0.0
+
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus_per_member}
+        if self.gpus_per_member:
+            bundle["GPU"] = self.gpus_per_member
+        return bundle
+
+    def describe(self) -> str:
+        return f"{self.size} x {self.bundle()}"
+
+
+class GangState(Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How often a replica may be rebuilt before the engine gives up on it."""
+
+    max_restarts: int = 3
+
+    def should_restart(self, restarts_so_far: int) -> bool:
+        return restarts_so_far < self.max_restarts
+
+
+class Gang:
+    """One replica: K actors of `worker_class`, ranks 0..K-1, in one placement group."""
+
+    def __init__(self, replica: int, spec: GangSpec, worker_class: type, worker_args: tuple[Any, ...]):
+        self.replica = replica
+        self.spec = spec
+        self.worker_class = worker_class
+        self.worker_args = worker_args
+        self.state = GangState.DEAD
+        self.actors: list[Any] = []
+        self.group = None
+        self.setup_refs: list[ray.ObjectRef] = []
+        self.started_at = 0.0
+
+    def start(self) -> list[ray.ObjectRef]:
+        """Reserve the placement group and start the actors; returns the refs of their setup."""
+        self.group = placement_group([self.spec.bundle()] * self.spec.size, strategy="STRICT_PACK")
+        remote_class = ray.remote(self.worker_class)
+        self.actors = [
+            remote_class.options(
+                num_cpus=self.spec.cpus_per_member,
+                num_gpus=self.spec.gpus_per_member,
+                max_restarts=0,
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.group, placement_group_bundle_index=rank
+                ),
+            ).remote(*self.worker_args, rank=rank, world_size=self.spec.size)
+            for rank in range(self.spec.size)
+        ]
+        self.setup_refs = [actor.setup.remote() for actor in self.actors]
+        self.state = GangState.STARTING
+        self.started_at = time.monotonic()
+        return self.setup_refs
+
+    def placement_ready(self) -> bool:
+        ready, _ = ray.wait([self.group.ready()], timeout=0)
+        return bool(ready)
+
+    def submit(self, unit: WorkUnit) -> ray.ObjectRef:
+        """Every rank gets the unit; rank 0's result is the unit's result."""
+        refs = [actor.render.remote(unit) for actor in self.actors]
+        return refs[0]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        if self.group is not None:
+            try:
+                remove_placement_group(self.group)
+            except Exception:
+                pass
+        self.actors, self.group, self.setup_refs = [], None, []
+        self.state = GangState.DEAD

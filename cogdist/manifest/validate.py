@@ -1,0 +1,235 @@
+"""Manifest checks, run in full before any rendering is scheduled.
+
+Checks are vectorised with pyarrow.compute, one record batch at a time; Python only touches the
+rows that fail, to word their message. Duplicate ids are found across all files from the id
+column alone, so memory grows with the ids, never with the prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cogdist.errors import ManifestError, ManifestProblem
+from cogdist.manifest.source import ManifestBatch, ManifestSource
+from cogdist.models.registry import ModelSpec
+
+MAX_REPORTED = 20
+
+STRING, INTEGER, NUMBER = "string", "integer", "number"
+
+# name -> kind of the manifest columns cogdist reads; any other column is carried into the index.
+COLUMNS: dict[str, str] = {
+    "id": STRING,
+    "prompt": STRING,
+    "negative_prompt": STRING,
+    "seed": INTEGER,
+    "width": INTEGER,
+    "height": INTEGER,
+    "num_frames": INTEGER,
+    "num_inference_steps": INTEGER,
+    "guidance_scale": NUMBER,
+    "image": STRING,
+    "video": STRING,
+    "strength": NUMBER,
+}
+REQUIRED = ("id", "prompt")
+CONDITIONING = ("image", "video", "strength")
+
+# Columns cogdist adds to the index; a manifest column of the same name would be ambiguous.
+RESERVED = ("uri", "path", "model", "format", "render_seconds", "finished_at", "attempts")
+
+_KIND_CHECK: dict[str, Callable[[pa.DataType], bool]] = {
+    STRING: lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t),
+    INTEGER: lambda t: pa.types.is_integer(t) or pa.types.is_null(t),
+    NUMBER: lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t),
+}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    rows: int
+    files: int
+
+
+def check_schema(schema: pa.Schema, spec: ModelSpec) -> list[ManifestProblem]:
+    problems = []
+    for name in REQUIRED:
+        if name not in schema.names:
+            problems.append(ManifestProblem(f"required column is missing (columns: {', '.join(schema.names)})", column=name))
+    for field in schema:
+        kind = COLUMNS.get(field.name)
+        if kind is not None and not _KIND_CHECK[kind](field.type):
+            problems.append(ManifestProblem(f"has type {field.type}; expected {kind}", column=field.name))
+        if field.name in RESERVED:
+            problems.append(
+                ManifestProblem("is a name cogdist writes into the index; rename this column", column=field.name)
+            )
+    if schema.get_field_index("id") >= 0 and len(schema.get_all_field_indices("id")) > 1:
+        problems.append(ManifestProblem("appears more than once", column="id"))
+    return problems
+
+
+def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationReport:
+    """Raise ManifestError naming the bad rows (the first MAX_REPORTED) or return a report."""
+    problems = check_schema(source.schema, spec)
+    if problems:
+        raise ManifestError(problems)
+
+    columns = [c for c in COLUMNS if c in source.schema.names]
+    found: list[ManifestProblem] = []
+    total = 0
+    ids, files, rows = [], [], []
+    file_numbers = {f.path: i for i, f in enumerate(source.files)}
+    for part in source.batches(columns=columns):
+        count, batch_problems = _check_batch(part, spec, MAX_REPORTED - len(found))
+        total += count
+        found.extend(batch_problems)
+        n = part.batch.num_rows
+        ids.append(part.batch.column("id"))
+        files.append(pa.array(np.full(n, file_numbers[part.file.path], dtype=np.int32)))
+        rows.append(pa.array(np.arange(part.first_row, part.first_row + n, dtype=np.int64)))
+    if ids:
+        count, duplicates = _duplicates(source, ids, files, rows, MAX_REPORTED - len(found))
+        total += count
+        found.extend(duplicates)
+    if total:
+        raise ManifestError(found, total=total)
+    return ValidationReport(rows=source.num_rows, files=len(source.files))
+
+
+class _BatchChecker:
+    """Collects the failing rows of one batch: counts all, words at most `limit`."""
+
+    def __init__(self, part: ManifestBatch, limit: int):
+        self.part = part
+        self.limit = limit
+        self.count = 0
+        self.problems: list[ManifestProblem] = []
+        self.ids = part.batch.column("id")
+
+    def column(self, name: str) -> pa.Array | None:
+        names = self.part.batch.schema.names
+        return self.part.batch.column(name) if name in names else None
+
+    def flag(self, mask: pa.Array, column: str, reason: Callable[[int], str] | str) -> None:
+        mask = pc.fill_null(mask, False)
+        bad = pc.sum(mask).as_py() or 0
+        if not bad:
+            return
+        self.count += bad
+        room = self.limit - len(self.problems)
+        if room <= 0:
+            return
+        values = self.column(column)
+        for index in pc.indices_nonzero(mask)[:room].to_pylist():
+            value = values[index].as_py() if values is not None else None
+            self.problems.append(
+                ManifestProblem(
+                    reason if isinstance(reason, str) else reason(index),
+                    file=self.part.file.name,
+                    row=self.part.first_row + index,
+                    id=self.ids[index].as_py(),
+                    column=column,
+                    value=value,
+                )
+            )
+
+
+def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int, list[ManifestProblem]]:
+    check = _BatchChecker(part, limit)
+    ids = check.ids
+    check.flag(pc.is_null(ids), "id", "id is missing")
+    check.flag(pc.equal(pc.utf8_length(ids), 0), "id", "id is empty")
+    check.flag(pc.is_null(check.column("prompt")), "prompt", "prompt is missing")
+
+    seed = check.column("seed")
+    if seed is not None:
+        check.flag(pc.less(seed, 0), "seed", "seed must be >= 0")
+
+    width, height = check.column("width"), check.column("height")
+    if width is not None or height is not None:
+        n = part.batch.num_rows
+        w = pc.fill_null(width, spec.width) if width is not None else pa.array(np.full(n, spec.width))
+        h = pc.fill_null(height, spec.height) if height is not None else pa.array(np.full(n, spec.height))
+        w_np = w.to_numpy(zero_copy_only=False).astype(np.int64)
+        h_np = h.to_numpy(zero_copy_only=False).astype(np.int64)
+        rule = spec.sizes
+        bad_w = (w_np % rule.multiple != 0) | (w_np < rule.min_side) | (w_np > rule.max_side)
+        bad_h = (h_np % rule.multiple != 0) | (h_np < rule.min_side) | (h_np > rule.max_side)
+        if rule.max_area is not None:
+            bad_h |= ~bad_w & (w_np * h_np > rule.max_area)
+        def reason(i: int) -> str:
+            return f"{rule.problem(int(w_np[i]), int(h_np[i]))} ({spec.name} takes {rule.describe()})"
+
+        check.flag(pa.array(bad_w), "width", reason)
+        check.flag(pa.array(bad_h & ~bad_w), "height", reason)
+
+    steps = check.column("num_inference_steps")
+    if steps is not None:
+        check.flag(pc.less_equal(steps, 0), "num_inference_steps", "must be a positive integer")
+
+    guidance = check.column("guidance_scale")
+    if guidance is not None and pa.types.is_floating(guidance.type):
+        check.flag(pc.invert(pc.is_finite(guidance)), "guidance_scale", "must be a finite number")
+
+    frames = check.column("num_frames")
+    if frames is not None:
+        if spec.kind == "image":
+            check.flag(pc.is_valid(frames), "num_frames", f"{spec.name} makes images; num_frames is for video models")
+        else:
+            check.flag(pc.less_equal(frames, 0), "num_frames", "must be a positive integer")
+
+    for name in CONDITIONING:
+        values = check.column(name)
+        if values is None:
+            continue
+        if name not in spec.conditioning:
+            check.flag(pc.is_valid(values), name, f"{spec.name} takes no {name!r} input")
+        elif name == "strength":
+            finite = pc.is_finite(pc.cast(values, pa.float64()))
+            in_range = pc.and_(pc.greater(values, 0), pc.less_equal(values, 1))
+            check.flag(pc.invert(pc.and_(finite, in_range)), name, "must be in (0, 1]")
+    return check.count, check.problems
+
+
+def _duplicates(
+    source: ManifestSource, ids: list, files: list, rows: list, limit: int
+) -> tuple[int, list[ManifestProblem]]:
+    table = pa.table(
+        {
+            "id": pa.chunked_array([pc.cast(a, pa.string()) for a in ids], type=pa.string()),
+            "file": pa.chunked_array(files),
+            "row": pa.chunked_array(rows),
+        }
+    )
+    table = table.filter(pc.is_valid(table["id"]))
+    counts = table.group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.greater(counts["id_count"], 1))
+    if repeated.num_rows == 0:
+        return 0, []
+    where = table.filter(pc.is_in(table["id"], value_set=repeated["id"]))
+    by_id: dict[str, list[tuple[int, int]]] = {}
+    for item_id, file_no, row in zip(
+        where["id"].to_pylist(), where["file"].to_pylist(), where["row"].to_pylist()
+    ):
+        by_id.setdefault(item_id, []).append((file_no, row))
+    problems = []
+    for item_id, places in list(by_id.items())[: max(0, limit)]:
+        first_file, first_row = places[0]
+        for file_no, row in places[1:2]:
+            problems.append(
+                ManifestProblem(
+                    f"duplicate id: also at {source.files[first_file].name} row {first_row}"
+                    + (f" and {len(places) - 2} more place(s)" if len(places) > 2 else ""),
+                    file=source.files[file_no].name,
+                    row=row,
+                    id=item_id,
+                    column="id",
+                )
+            )
+    return repeated.num_rows, problems

@@ -1,0 +1,91 @@
+"""RenderOptions: every knob of a render, validated before anything starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cogdist.errors import UsageError
+from cogdist.models.registry import ModelSpec
+from cogdist.sink.encode import IMAGE_FORMATS
+from cogdist.worker.worker import DTYPES
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    manifest: str
+    """Parquet file, folder or glob; local path or object-store URI."""
+    model: str
+    """Preset name, Hugging Face repo id, or folder holding model_index.json."""
+    out: str
+    """Output folder or object-store prefix."""
+    replicas: int | None = None
+    """Gangs rendering in parallel. Default: one per GPU (divided by --sp), or 2 without GPUs."""
+    sp: int = 1
+    """Sequence-parallel degree: GPUs per gang."""
+    batch_size: int = 1
+    """Rows of one shape rendered by one pipeline call."""
+    max_in_flight: int = 2
+    """Units queued per replica, so that it never waits for the driver between units."""
+    max_retries: int = 2
+    """Renders retried after an error before a row is recorded under failures/."""
+    format: str = "png"
+    """Image format: png, jpeg or webp."""
+    quality: int = 95
+    """JPEG/WebP quality."""
+    width: int | None = None
+    """Default width for rows that name none (the model's default otherwise)."""
+    height: int | None = None
+    steps: int | None = None
+    """Default num_inference_steps for rows that name none."""
+    guidance: float | None = None
+    """Default guidance_scale for rows that name none."""
+    dtype: str = "auto"
+    """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    address: str | None = None
+    """Ray cluster to join; default: $RAY_ADDRESS, else a local instance started in process."""
+    overwrite: bool = False
+    """Start over: remove what a previous job wrote under OUT instead of resuming it."""
+    retry_failed: bool = False
+    """Render rows recorded under failures/ again instead of skipping them."""
+    cpus_per_worker: float | None = None
+    """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
+    max_gang_restarts: int = 3
+    """Times a replica is rebuilt after its workers die before it is given up."""
+    commit_interval: float = 2.0
+    """Seconds between index commits (finished rows are committed in one Parquet part)."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+    def check(self, spec: ModelSpec) -> None:
+        """Raise UsageError for an option that cannot work with `spec`."""
+        positive = {
+            "--sp": self.sp,
+            "--batch-size": self.batch_size,
+            "--max-in-flight": self.max_in_flight,
+            "--replicas": self.replicas if self.replicas is not None else 1,
+            "--steps": self.steps if self.steps is not None else 1,
+            "--max-gang-restarts": self.max_gang_restarts + 1,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
+        if self.sp != 1:
+            raise UsageError(
+                f"--sp {self.sp}: sequence-parallel gangs are not available in this version; use --sp 1 "
+                "and scale out with --replicas"
+            )
+        if self.max_retries < 0:
+            raise UsageError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.format not in IMAGE_FORMATS:
+            raise UsageError(f"--format {self.format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
+        if not 1 <= self.quality <= 100:
+            raise UsageError(f"--quality must be in 1..100, got {self.quality}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.guidance is not None and not abs(self.guidance) < float("inf"):
+            raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise UsageError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        problem = spec.sizes.problem(spec.width, spec.height)
+        if problem:
+            raise UsageError(f"--width/--height: {problem} ({spec.name} takes {spec.sizes.describe()})")

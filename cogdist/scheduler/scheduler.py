@@ -1,0 +1,150 @@
+"""Scheduling policy: which rows form the next unit, retries, permanent failures.
+
+Plain Python over a stream of (WorkItem, manifest row): no Ray, no torch, testable alone. Rows
+are bucketed by shape (size, frames, steps, guidance) so that a unit is one pipeline call; a
+bounded number of rows is buffered, so the stream is pulled only as fast as it is rendered.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cogdist.work import ItemResult, WorkItem, WorkUnit
+
+
+@dataclass
+class Row:
+    """A row in the scheduler's care, from the stream until it is finished or failed."""
+
+    item: WorkItem
+    manifest_row: dict
+    attempts: int = 0  # renders that raised an error for this row
+    crashes: int = 0  # renders lost because their worker died
+
+
+@dataclass(frozen=True)
+class Finished:
+    row: Row
+    result: ItemResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    row: Row
+    error: str
+
+
+class Scheduler:
+    def __init__(
+        self,
+        rows: Iterator[tuple[WorkItem, dict]],
+        *,
+        batch_size: int = 1,
+        max_retries: int = 2,
+        max_crashes: int = 3,
+        max_buffered: int | None = None,
+    ):
+        self._stream = rows
+        self._stream_done = False
+        self.batch_size = batch_size
+        self.max_retries = max_retries
+        self.max_crashes = max_crashes
+        self.max_buffered = max_buffered or max(256, 8 * batch_size)
+        self._buckets: OrderedDict[tuple, list[Row]] = OrderedDict()
+        self._buffered = 0
+        self._retries: deque[list[Row]] = deque()
+        self._in_flight: dict[int, list[Row]] = {}
+        self._ids = itertools.count()
+
+    @property
+    def finished(self) -> bool:
+        """Nothing buffered, nothing in flight, and the stream is drained."""
+        return self._stream_done and not self._buffered and not self._retries and not self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def next_unit(self) -> WorkUnit | None:
+        """The next unit to render, or None when there is nothing to hand out now."""
+        if self._retries:
+            return self._issue(self._retries.popleft())
+        while True:
+            full = next((key for key, rows in self._buckets.items() if len(rows) >= self.batch_size), None)
+            if full is not None:
+                return self._issue(self._take(full, self.batch_size))
+            if self._stream_done or self._buffered >= self.max_buffered:
+                break
+            self._pull()
+        if not self._buckets:
+            return None
+        # No bucket is full: rather than let a replica idle, hand out the fullest one.
+        key = max(self._buckets, key=lambda k: len(self._buckets[k]))
+        return self._issue(self._take(key, self.batch_size))
+
+    def complete(self, unit_id: int, results: tuple[ItemResult, ...]) -> tuple[list[Finished], list[Failed]]:
+        rows = {row.item.id: row for row in self._in_flight.pop(unit_id)}
+        finished, failed = [], []
+        for result in results:
+            row = rows.pop(result.id)
+            if result.ok:
+                finished.append(Finished(row, result))
+            else:
+                failed.extend(self._retry([row], result.error or "unknown error"))
+        # A row the worker did not report on is retried like a failed one.
+        failed.extend(self._retry(list(rows.values()), "worker returned no result for this row"))
+        return finished, failed
+
+    def unit_failed(self, unit_id: int, error: str) -> list[Failed]:
+        """The unit raised: each row is charged an attempt and retried on its own."""
+        return self._retry(self._in_flight.pop(unit_id), error)
+
+    def unit_lost(self, unit_id: int, reason: str) -> list[Failed]:
+        """The worker died under the unit: not the rows' fault, unless it keeps happening."""
+        failed = []
+        for row in self._in_flight.pop(unit_id):
+            row.crashes += 1
+            if row.crashes >= self.max_crashes:
+                failed.append(Failed(row, f"worker died {row.crashes} times while rendering this row: {reason}"))
+            else:
+                self._retries.append([row])
+        return failed
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _pull(self) -> None:
+        try:
+            item, manifest_row = next(self._stream)
+        except StopIteration:
+            self._stream_done = True
+            return
+        self._buckets.setdefault(item.shape, []).append(Row(item, manifest_row))
+        self._buffered += 1
+
+    def _take(self, key: tuple, n: int) -> list[Row]:
+        rows = self._buckets[key]
+        taken, rest = rows[:n], rows[n:]
+        if rest:
+            self._buckets[key] = rest
+        else:
+            del self._buckets[key]
+        self._buffered -= len(taken)
+        return taken
+
+    def _issue(self, rows: list[Row]) -> WorkUnit:
+        unit_id = next(self._ids)
+        self._in_flight[unit_id] = rows
+        return WorkUnit(unit_id, tuple(row.item for row in rows))
+
+    def _retry(self, rows: list[Row], error: str) -> list[Failed]:
+        failed = []
+        for row in rows:
+            row.attempts += 1
+            if row.attempts > self.max_retries:
+                failed.append(Failed(row, error))
+            else:
+                self._retries.append([row])
+        return failed

@@ -1,0 +1,1 @@
+"""Outputs and their bookkeeping: names, encoding, the index and failure records, the job record."""

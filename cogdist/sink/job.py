@@ -1,0 +1,81 @@
+"""The job record: the settings OUT was started with, so a resume cannot silently mix outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from cogdist import __version__
+from cogdist.errors import ResumeConflictError
+from cogdist.sink.ledger import FAILURES, INDEX, now_utc
+from cogdist.sink.naming import OUTPUTS
+from cogdist.storage import Location
+
+JOB_RECORD = "_cogdist/job.json"
+OWNED = (INDEX, FAILURES, OUTPUTS, "_cogdist")  # what --overwrite removes; nothing else in OUT
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Settings that change what an output looks like. Equal settings: a resume may continue."""
+
+    model: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    format: str
+    quality: int
+    dtype: str
+    columns: tuple[str, ...]
+    """The manifest's columns, which shape the index."""
+
+
+_FLAGS = {
+    "model": "--model",
+    "width": "--width",
+    "height": "--height",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "format": "--format",
+    "quality": "--quality",
+    "dtype": "--dtype",
+    "columns": "the manifest's columns",
+}
+
+
+def check_resume(out: Location, settings: JobSettings) -> bool:
+    """True when OUT already holds this job; raise ResumeConflictError when it holds another."""
+    if not out.exists(JOB_RECORD):
+        return False
+    recorded = json.loads(out.read_bytes(JOB_RECORD))["settings"]
+    ours = asdict(settings)
+    ours["columns"] = list(settings.columns)
+    differences = [
+        f"  {_FLAGS[name]}: {recorded.get(name)!r} in OUT, {value!r} now"
+        for name, value in ours.items()
+        if recorded.get(name) != value
+    ]
+    if differences:
+        raise ResumeConflictError(
+            f"{out.public_uri} holds a job started with other settings, so its outputs would not "
+            "match this run's:\n" + "\n".join(differences) + "\n"
+            "Run with the original settings to resume it, pass --overwrite to start over "
+            "(removes its outputs, index and failures), or choose another --out."
+        )
+    return True
+
+
+def write_job_record(out: Location, settings: JobSettings) -> None:
+    record = {
+        "settings": {**asdict(settings), "columns": list(settings.columns)},
+        "cogdist_version": __version__,
+        "created_at": now_utc().isoformat(),
+    }
+    out.write_bytes(JOB_RECORD, json.dumps(record, indent=2).encode(), durable=True)
+
+
+def clear_outputs(out: Location) -> None:
+    """Start over: remove everything cogdist wrote under OUT (and nothing else)."""
+    for folder in OWNED:
+        out.delete_tree(folder)

@@ -1,0 +1,138 @@
+"""The index and the failure records: folders of Parquet parts, appended by the driver alone.
+
+Each commit writes one new part, whole, under a name no other commit uses, and a retry of the
+same commit rewrites that same name; a part is therefore either entirely visible or absent, and
+an id enters the index exactly once. `pyarrow.dataset.dataset(OUT + "/index")` reads it as one
+table at any moment; names starting with '.' or '_' (temporary files) are ignored by pyarrow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from cogdist.storage import Location
+
+log = logging.getLogger(__name__)
+
+INDEX = "index"
+FAILURES = "failures"
+QUARANTINE = "_cogdist/quarantine"
+
+# Columns cogdist writes into every index row, after the manifest's own columns. Manifest
+# columns of the same name (seed, width, ...) are replaced by the effective values.
+RESULT_FIELDS = [
+    pa.field("uri", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("num_frames", pa.int64()),
+    pa.field("num_inference_steps", pa.int64()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("model", pa.string()),
+    pa.field("format", pa.string()),
+    pa.field("render_seconds", pa.float64()),
+    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("attempts", pa.int64()),
+]
+
+FAILURE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("attempts", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("failed_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+def index_schema(manifest_schema: pa.Schema) -> pa.Schema:
+    ours = {f.name for f in RESULT_FIELDS}
+    kept = [f for f in manifest_schema if f.name not in ours]
+    # Ids are stored as plain strings whatever string type the manifest used.
+    kept = [pa.field("id", pa.string()) if f.name == "id" else f for f in kept]
+    return pa.schema(kept + RESULT_FIELDS)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class PartWriter:
+    """Buffers rows and commits them as one new Parquet part of `folder`."""
+
+    def __init__(self, location: Location, folder: str, schema: pa.Schema):
+        self.location = location
+        self.folder = folder
+        self.schema = schema
+        self.session = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.sequence = 0
+        self.rows: list[dict] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.rows)
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+
+    def commit(self) -> int:
+        """Write the buffered rows as one part; on failure they stay buffered for the next try."""
+        if not self.rows:
+            return 0
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        name = f"{self.folder}/part-{self.session}-{self.sequence:06d}.parquet"
+        self.location.write_bytes(name, buffer.getvalue(), durable=True)
+        self.sequence += 1
+        written, self.rows = len(self.rows), []
+        return written
+
+
+def read_ids(location: Location, folder: str) -> pa.Array:
+    """The `id` column of every part under `folder` (empty when there is none).
+
+    A part that cannot be read (only a write that failed half-way and was never acknowledged
+    can leave one) is moved to _cogdist/quarantine, so the index stays readable; its rows were
+    never counted as done and are rendered again.
+    """
+    parts = location.list_files(folder, ".parquet")
+    if not parts:
+        return pa.array([], pa.string())
+    try:
+        dataset = ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet")
+        return _ids(dataset.to_table(columns=["id"]))
+    except (pa.ArrowInvalid, OSError):
+        pass
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part.path, columns=["id"], filesystem=location.fs))
+        except (pa.ArrowInvalid, OSError) as e:
+            target = location.path(f"{QUARANTINE}/{part.base_name}")
+            log.warning("moving unreadable part %s to %s: %s", part.base_name, QUARANTINE, e)
+            location.fs.create_dir(location.path(QUARANTINE), recursive=True)
+            location.fs.move(part.path, target)
+    return _ids(pa.concat_tables(tables)) if tables else pa.array([], pa.string())
+
+
+def _ids(table: pa.Table) -> pa.Array:
+    column = table.column("id").cast(pa.string())
+    return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
+
+
+def read_table(location: Location, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+    parts = location.list_files(folder, ".parquet")
+    if not parts:
+        return None
+    return ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet").to_table(columns=columns)

@@ -1,0 +1,223 @@
+"""Where bytes live: a local folder or an object store, behind one small interface.
+
+Every location is opened through `pyarrow.fs`, so local paths, `file://`, `s3://` (AWS and
+S3-compatible stores) and `gs://` share one code path. Writes are whole-buffer and verified:
+object stores publish an upload even when the writer fails half-way, so a write is only
+trusted once the stored size equals the buffer's size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pyarrow.fs as pafs
+
+from cogdist.errors import StorageError
+
+T = TypeVar("T")
+TEMP_SUFFIX = ".tmp"
+
+# Query parameters of an s3:// URI that pyarrow's S3FileSystem accepts as strings.
+_S3_QUERY_OPTIONS = {"endpoint_override", "scheme", "region", "role_arn", "session_name", "external_id"}
+_SECRET_QUERY = re.compile(r"(secret|token|key|password|credential)", re.IGNORECASE)
+
+
+def redact(uri: str) -> str:
+    """`uri` without credentials: user info and secret-looking query values are masked."""
+    if "://" not in uri:
+        return uri
+    parsed = urlparse(uri)
+    netloc = parsed.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parsed.query
+    if query:
+        parts = []
+        for item in query.split("&"):
+            name, _, value = item.partition("=")
+            parts.append(f"{name}=***" if _SECRET_QUERY.search(name) else item)
+        query = "&".join(parts)
+    return parsed._replace(netloc=netloc, query=query).geturl()
+
+
+def _endpoint_from_env() -> dict[str, str]:
+    """The usual AWS endpoint variables, as S3FileSystem options (pyarrow does not read them)."""
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url:
+        return {}
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    return {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+
+
+def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    parsed = urlparse(uri)
+    if not parsed.hostname:
+        raise StorageError(f"{redact(uri)}: an s3:// URI needs a bucket, as in s3://bucket/prefix")
+    options: dict[str, object] = _endpoint_from_env()
+    for name, values in parse_qs(parsed.query).items():
+        if name not in _S3_QUERY_OPTIONS:
+            raise StorageError(
+                f"{redact(uri)}: unknown query option {name!r}; accepted: {', '.join(sorted(_S3_QUERY_OPTIONS))}"
+            )
+        options[name] = values[-1]
+    if parsed.username:
+        options["access_key"] = unquote(parsed.username)
+        options["secret_key"] = unquote(parsed.password or "")
+    fs = pafs.S3FileSystem(**options)
+    bucket = parsed.netloc.rsplit("@", 1)[-1]
+    root = f"{bucket}/{parsed.path.strip('/')}".rstrip("/")
+    return fs, root, f"s3://{root}"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder in some file system; paths given to its methods are relative to it."""
+
+    uri: str  # as given by the user; may hold credentials, so never print it
+    public_uri: str  # without credentials or query: safe for logs, errors and the index
+    fs: pafs.FileSystem
+    root: str  # the folder inside `fs`
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def uri_of(self, rel: str) -> str:
+        """Where `rel` can be found, in a form that is safe to record (no credentials)."""
+        return f"{self.public_uri}/{rel}"
+
+    def child(self, rel: str) -> Location:
+        return Location(f"{self.uri.rstrip('/')}/{rel}", self.uri_of(rel), self.fs, self.path(rel))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as stream:
+                return stream.readall()
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.uri_of(rel)} does not exist") from e
+
+    def list_files(self, rel: str, suffix: str = "") -> list[pafs.FileInfo]:
+        """Files directly under `rel` ending in `suffix`, sorted; hidden ('.', '_') names skipped."""
+        selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        infos = [
+            info
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+            and info.path.endswith(suffix)
+            and not info.base_name.startswith((".", "_"))
+        ]
+        return sorted(infos, key=lambda info: info.path)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write_bytes(self, rel: str, data: bytes, *, durable: bool = False, attempts: int = 4) -> None:
+        """Store `data` at `rel` completely or not at all, retrying transient errors.
+
+        Local files are written beside the target and renamed over it, so a reader never sees
+        a partial file. Object stores publish only finished uploads, but also publish one that
+        failed half-way; the stored size is therefore checked, and a short object is deleted.
+        """
+        path = self.path(rel)
+        if self.is_local:
+            _retry(lambda: _write_local_atomic(path, data, durable), attempts, f"write {path}")
+            return
+
+        def put() -> None:
+            stream = self.fs.open_output_stream(path)
+            stream.write(data)
+            stream.close()
+            size = self.fs.get_file_info(path).size
+            if size != len(data):
+                self.fs.delete_file(path)
+                raise OSError(f"stored {size} of {len(data)} bytes")
+
+        _retry(put, attempts, f"write {self.uri_of(rel)}")
+
+    def sweep_temporary(self, rel: str) -> int:
+        """Remove temporary files that killed writers left directly under `rel` (local only)."""
+        if not self.is_local:
+            return 0  # object stores never show an unfinished upload
+        selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        stale = [
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.base_name.startswith(".") and info.base_name.endswith(TEMP_SUFFIX)
+        ]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
+    def delete_tree(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
+    def delete_file(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+
+def _write_local_atomic(path: str, data: bytes, durable: bool) -> None:
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # A fixed temporary name: the next attempt at the same output replaces a killed one's leftover.
+    tmp = os.path.join(folder, f".{name}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _retry(fn: Callable[[], T], attempts: int, what: str, base_delay: float = 0.5) -> T:
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt == attempts or isinstance(e, (FileNotFoundError, PermissionError)):
+                raise StorageError(f"could not {what} after {attempt} attempt(s): {e}") from e
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def open_location(uri: str) -> Location:
+    """Open a local path, `file://`, `s3://` or `gs://` URI (or any scheme pyarrow.fs knows)."""
+    if "://" not in uri:
+        root = os.path.abspath(os.path.expanduser(uri))
+        return Location(uri, root, pafs.LocalFileSystem(), root)
+    scheme = urlparse(uri).scheme.lower()
+    if scheme == "file":
+        root = os.path.abspath(unquote(urlparse(uri).path))
+        return Location(uri, root, pafs.LocalFileSystem(), root)
+    if scheme in ("s3", "s3a"):
+        fs, root, public = _open_s3(uri)
+        return Location(uri, public, fs, root)
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise StorageError(
+            f"cannot open {redact(uri)}: {e}. Supported: local paths, file://, s3://, gs://"
+        ) from e
+    root = root.rstrip("/")
+    return Location(uri, f"{scheme}://{root}", fs, root)

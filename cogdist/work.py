@@ -1,0 +1,68 @@
+"""The plain data that crosses the boundary between the scheduler and the workers.
+
+Only these small frozen records travel through Ray: the scheduler never sees a tensor and the
+workers never see the manifest or the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+def derive_seed(item_id: str) -> int:
+    """The seed of a row that names none: the first 8 bytes of sha256(id), as a 63-bit integer.
+
+    Stable across processes, machines and Python versions (unlike `hash()`), so anyone can
+    recompute it: `int.from_bytes(hashlib.sha256(id.encode()).digest()[:8], "big") >> 1`.
+    """
+    return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One row to render, with every setting resolved (no defaults left to the worker)."""
+
+    id: str
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    num_frames: int | None
+    output: str
+    """Where the worker writes the result, relative to OUT."""
+
+    @property
+    def shape(self) -> tuple:
+        """Rows with equal shapes can share one pipeline call."""
+        return (self.width, self.height, self.num_frames, self.num_inference_steps, self.guidance_scale)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one gang renders in one call: rows of one shape."""
+
+    unit_id: int
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """Outcome of one row: written to OUT (ok) or an error message."""
+
+    id: str
+    ok: bool
+    error: str | None = None
+    bytes_written: int = 0
+    render_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    unit_id: int
+    items: tuple[ItemResult, ...]
+    seconds: float
+    """Wall time of the whole unit on the worker, from receipt to last write."""
