@@ -217,7 +217,7 @@ class RenderLoop:
             dtype=self.options.dtype,
             threads=None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member),
         )
-        args = (job.spec, job.out.uri, settings)
+        args = (job.spec, job.out.worker_uri, settings)
         self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
         self.waiting: dict = {}  # ObjectRef -> (Replica, unit id or None for a setup call)
         self.index = PartWriter(job.out, INDEX, index_schema(job.source.schema))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
 import pyarrow.fs as pafs
 
@@ -55,12 +55,17 @@ def _endpoint_from_env() -> dict[str, str]:
     return {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
 
 
-def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str]:
+def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str, str]:
     parsed = urlparse(uri)
     if not parsed.hostname:
         raise StorageError(f"{redact(uri)}: an s3:// URI needs a bucket, as in s3://bucket/prefix")
     options: dict[str, object] = _endpoint_from_env()
-    for name, values in parse_qs(parsed.query).items():
+    query = parse_qs(parsed.query)
+    portable = uri
+    if options and "endpoint_override" not in query:
+        # Workers may run where this environment variable is not set: name the endpoint.
+        portable = parsed._replace(query=urlencode({**{k: v[-1] for k, v in query.items()}, **options})).geturl()
+    for name, values in query.items():
         if name not in _S3_QUERY_OPTIONS:
             raise StorageError(
                 f"{redact(uri)}: unknown query option {name!r}; accepted: {', '.join(sorted(_S3_QUERY_OPTIONS))}"
@@ -72,7 +77,7 @@ def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str]:
     fs = pafs.S3FileSystem(**options)
     bucket = parsed.netloc.rsplit("@", 1)[-1]
     root = f"{bucket}/{parsed.path.strip('/')}".rstrip("/")
-    return fs, root, f"s3://{root}"
+    return fs, root, f"s3://{root}", portable
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,11 @@ class Location:
     public_uri: str  # without credentials or query: safe for logs, errors and the index
     fs: pafs.FileSystem
     root: str  # the folder inside `fs`
+    worker_uri: str = ""  # what a worker elsewhere opens to reach the same place (endpoint explicit)
+
+    def __post_init__(self) -> None:
+        if not self.worker_uri:
+            object.__setattr__(self, "worker_uri", self.uri)
 
     @property
     def is_local(self) -> bool:
@@ -94,9 +104,6 @@ class Location:
     def uri_of(self, rel: str) -> str:
         """Where `rel` can be found, in a form that is safe to record (no credentials)."""
         return f"{self.public_uri}/{rel}"
-
-    def child(self, rel: str) -> Location:
-        return Location(f"{self.uri.rstrip('/')}/{rel}", self.uri_of(rel), self.fs, self.path(rel))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -211,8 +218,8 @@ def open_location(uri: str) -> Location:
         root = os.path.abspath(unquote(urlparse(uri).path))
         return Location(uri, root, pafs.LocalFileSystem(), root)
     if scheme in ("s3", "s3a"):
-        fs, root, public = _open_s3(uri)
-        return Location(uri, public, fs, root)
+        fs, root, public, portable = _open_s3(uri)
+        return Location(uri, public, fs, root, portable)
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError

@@ -99,7 +99,7 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> 
             pipe.to(dtype=dtype)
     else:
         # safetensors only: a pickle checkpoint can run code when it is loaded.
-        pipe = CogView4Pipeline.from_pretrained(spec.source, torch_dtype=dtype, use_safetensors=True)
+        pipe = CogView4Pipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -62,6 +62,9 @@ class Scheduler:
     @property
     def finished(self) -> bool:
         """Nothing buffered, nothing in flight, and the stream is drained."""
+        idle = not self._buffered and not self._retries and not self._in_flight
+        if idle and not self._stream_done:
+            self._pull()  # the stream may end exactly here; find out
         return self._stream_done and not self._buffered and not self._retries and not self._in_flight
 
     @property

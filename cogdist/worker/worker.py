@@ -59,7 +59,9 @@ class RenderWorker:
         start = time.perf_counter()
         # Library warnings would repeat once per worker in the driver's log; errors still show.
         diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

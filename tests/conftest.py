@@ -1,0 +1,150 @@
+"""Shared test fixtures: one Ray instance per session, an S3-compatible server, tiny models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "manifests" / "demo.parquet"
+
+S3_KEY = "cogdist-test-key"
+S3_SECRET = "cogdist-test-secret-do-not-log"
+
+
+def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is None:  # from_pylist takes its columns from the first row alone
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        rows = [{name: row.get(name) for name in names} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray instance for every in-process test of the session.
+
+    Started after the S3 server so that its workers hold the store's credentials in their
+    environment, as the nodes of a real cluster would; but not its endpoint, which the driver
+    must hand to the workers itself.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"AWS_ENDPOINT_URL": ""}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3-compatible server on 127.0.0.1; yields its environment variables."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError("moto server did not start")
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    process.terminate()
+    process.wait(timeout=10)
+
+
+_bucket_counter = iter(range(10_000))
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new, empty bucket on the test server (created through boto3, as a user would)."""
+    import boto3
+
+    name = f"cogdist-test-{next(_bucket_counter)}"
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny CogView4 pipeline saved with save_pretrained, to load through from_pretrained."""
+    from cogdist.models.cogview4 import build_tiny
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-cogview4"
+    build_tiny(0).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m cogdist ARGS` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "cogdist", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or ROOT,
+    )
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return found
+
+
+def reap_session(sid: int) -> None:
+    """Kill whatever is left of a session (a safety net after the assertions)."""
+    for process in session_processes(sid):
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

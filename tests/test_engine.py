@@ -1,0 +1,113 @@
+"""The engine in process on the session's Ray: index contract, retries, failures, gang rebuild."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+import cogdist
+from cogdist import engine
+from cogdist.errors import UsageError
+from cogdist.options import RenderOptions
+from tests.conftest import write_manifest
+from tests.faults import PoisonWorker, dying_worker
+
+
+def manifest_rows(n: int, **extra) -> list[dict]:
+    return [{"id": f"item/{i:03d}", "prompt": f"prompt number {i}", "tag": f"t{i % 3}", **extra} for i in range(n)]
+
+
+def index_table(out) -> "ds.Dataset":
+    return ds.dataset(f"{out}/index").to_table()
+
+
+def test_render_by_model_path_fills_the_index_once(ray_session, tmp_path, tiny_model_dir):
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(6))
+    out = tmp_path / "out"
+    summary = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, batch_size=2)
+    assert (summary.done, summary.skipped, summary.failed, summary.ok) == (6, 0, 0, True)
+    table = index_table(out)
+    assert sorted(table["id"].to_pylist()) == [f"item/{i:03d}" for i in range(6)]
+    row = table.filter(ds.field("id") == "item/004").to_pylist()[0]
+    assert row["tag"] == "t1" and row["model"] == str(tiny_model_dir) and row["attempts"] == 1
+    assert row["uri"] == str(out / row["path"]) and Image.open(row["uri"]).size == (64, 64)
+    again = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), progress=False)
+    assert (again.done, again.skipped) == (0, 6)
+    assert index_table(out).num_rows == 6
+
+
+def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, tmp_path):
+    rows = manifest_rows(5)
+    rows[1]["prompt"] = "poison one"
+    rows[3]["prompt"] = "poison two"
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, batch_size=2, max_retries=2)
+    summary = engine.run(options, worker_class=PoisonWorker)
+    assert (summary.done, summary.failed, summary.ok, summary.exit_code) == (3, 2, False, 1)
+    assert sorted(index_table(out)["id"].to_pylist()) == ["item/000", "item/002", "item/004"]
+    failures = ds.dataset(f"{out}/failures").to_table().to_pylist()
+    assert sorted(f["id"] for f in failures) == ["item/001", "item/003"]
+    assert all(f["attempts"] == 3 and "poisoned prompt" in f["error"] for f in failures)
+
+    status = cogdist.status(str(out), str(manifest))
+    assert (status.done, status.failed, status.pending) == (3, 2, 0)
+
+    # A plain re-run skips recorded failures; --retry-failed renders them (here with a healthy worker).
+    rerun = engine.run(options)
+    assert (rerun.done, rerun.previously_failed, rerun.ok) == (0, 2, False)
+    retried = engine.run(RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, retry_failed=True))
+    assert (retried.done, retried.skipped, retried.ok) == (2, 3, True)
+    assert index_table(out).num_rows == 5
+    assert cogdist.status(str(out), str(manifest)).failed == 0
+
+
+def test_worker_death_rebuilds_the_replica_and_costs_no_attempt(ray_session, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(8))
+    out = tmp_path / "out"
+    worker = dying_worker(tmp_path, victim="item/005")
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, max_retries=0)
+    summary = engine.run(options, worker_class=worker)
+    assert (tmp_path / "died").exists(), "the fault was not injected"
+    assert (summary.done, summary.failed, summary.ok) == (8, 0, True)
+    table = index_table(out)
+    assert sorted(table["id"].to_pylist()) == [f"item/{i:03d}" for i in range(8)]
+
+
+def test_s3_output_through_the_api(ray_session, tmp_path, s3_bucket):
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(4))
+    out = f"s3://{s3_bucket}/run"
+    summary = cogdist.render(str(manifest), model="tiny-cogview4", out=out, progress=False, format="jpeg")
+    assert summary.ok and summary.out == out
+    from cogdist.storage import open_location
+
+    location = open_location(out)
+    table = ds.dataset(location.path("index"), filesystem=location.fs).to_table()
+    assert table.num_rows == 4
+    for row in table.to_pylist():
+        assert row["uri"].startswith(f"s3://{s3_bucket}/run/outputs/") and row["uri"].endswith(".jpg")
+        image = Image.open(__import__("io").BytesIO(location.read_bytes(row["path"])))
+        assert image.format == "JPEG" and image.size == (64, 64)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(UsageError, match="colour"):
+        cogdist.render("m.parquet", model="tiny-cogview4", out="o", colour="red")
+
+
+def test_sizes_and_defaults_reach_the_output(ray_session, tmp_path):
+    rows = [
+        {"id": "wide", "prompt": "x", "width": 128, "height": 64},
+        {"id": "default", "prompt": "y", "width": None, "height": None},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    assert cogdist.render(str(manifest), model="tiny-cogview4", out=str(out), progress=False, width=96, height=96).ok
+    table = {r["id"]: r for r in index_table(out).to_pylist()}
+    assert (table["wide"]["width"], table["wide"]["height"]) == (128, 64)
+    assert (table["default"]["width"], table["default"]["height"]) == (96, 96)
+    for row in table.values():
+        pixels = np.asarray(Image.open(row["uri"]))
+        assert pixels.shape == (row["height"], row["width"], 3)
