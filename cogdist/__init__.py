@@ -6,4 +6,13 @@ from cogdist.api import JobStatus, models, render, status, validate  # noqa: E40
 from cogdist.engine import RenderSummary  # noqa: E402
 from cogdist.options import RenderOptions  # noqa: E402
 
-__all__ = ["JobStatus", "RenderOptions", "RenderSummary", "__version__", "models", "render", "status", "validate"]
+__all__ = [
+    "JobStatus",
+    "RenderOptions",
+    "RenderSummary",
+    "__version__",
+    "models",
+    "render",
+    "status",
+    "validate",
+]

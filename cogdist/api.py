@@ -14,7 +14,7 @@ from cogdist.errors import UsageError
 from cogdist.manifest import ManifestSource, ValidationReport
 from cogdist.models.registry import PRESETS, ModelSpec
 from cogdist.options import RenderOptions
-from cogdist.scheduler.pending import count_pending
+from cogdist.scheduler.pending import scan_pending
 from cogdist.sink.job import JOB_RECORD
 from cogdist.sink.ledger import FAILURES, INDEX, read_ids, read_table
 from cogdist.storage import open_location
@@ -32,7 +32,9 @@ def render(manifest: str, *, model: str, out: str, **options: object) -> RenderS
     """
     unknown = set(options) - _OPTION_NAMES
     if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTION_NAMES))}")
+        raise UsageError(
+            f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTION_NAMES))}"
+        )
     return _run(RenderOptions(manifest=manifest, model=model, out=out, **options))  # type: ignore[arg-type]
 
 
@@ -79,7 +81,7 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
     pending = None
     if manifest is not None:
         failed_ids = pa.array([f for f in _failed_ids(table)], pa.string())
-        counts = count_pending(ManifestSource(manifest), done, failed_ids)
+        counts = scan_pending(ManifestSource(manifest), done, failed_ids)
         pending = counts.pending
     return JobStatus(location.public_uri, model, len(done), failed, pending, failures)
 

@@ -35,22 +35,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    render = commands.add_parser("render", help="render a manifest (re-run the same command to resume)", epilog=EPILOG)
+    render = commands.add_parser(
+        "render", help="render a manifest (re-run the same command to resume)", epilog=EPILOG
+    )
     render.add_argument("manifest", help="Parquet file, folder or glob; local path or s3:// / gs:// URI")
-    render.add_argument("--model", required=True, help="preset (see `cogdist models`), HF repo id or local folder")
+    render.add_argument(
+        "--model", required=True, help="preset (see `cogdist models`), HF repo id or local folder"
+    )
     render.add_argument("--out", required=True, help="output folder or s3:// / gs:// prefix")
-    render.add_argument("--replicas", type=int, help="gangs in parallel (default: one per GPU, 2 without GPUs)")
-    render.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: GPUs per gang (default 1)")
-    render.add_argument("--batch-size", type=int, default=1, help="rows of one shape per pipeline call (default 1)")
+    render.add_argument(
+        "--replicas", type=int, help="gangs in parallel (default: one per GPU, 2 without GPUs)"
+    )
+    render.add_argument(
+        "--sp", type=int, default=1, help="sequence-parallel degree: GPUs per gang (default 1)"
+    )
+    render.add_argument(
+        "--batch-size", type=int, default=1, help="rows of one shape per pipeline call (default 1)"
+    )
     render.add_argument("--max-in-flight", type=int, default=2, help="units queued per replica (default 2)")
     render.add_argument("--max-retries", type=int, default=2, help="retries of a failing row (default 2)")
     render.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="image format")
     render.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    render.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    render.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    render.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
+    )
+    render.add_argument(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
+    )
     render.add_argument("--cpus-per-worker", type=float, help="logical CPUs reserved per worker")
-    render.add_argument("--overwrite", action="store_true", help="start over: remove what an earlier job wrote to OUT")
-    render.add_argument("--retry-failed", action="store_true", help="render rows recorded under failures/ again")
+    render.add_argument(
+        "--overwrite", action="store_true", help="start over: remove what an earlier job wrote to OUT"
+    )
+    render.add_argument(
+        "--retry-failed", action="store_true", help="render rows recorded under failures/ again"
+    )
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_defaults(render)
 
@@ -102,7 +120,12 @@ def _validate(args: argparse.Namespace) -> int:
     from cogdist.api import validate
 
     report = validate(
-        args.manifest, model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance
+        args.manifest,
+        model=args.model,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
     )
     print(f"ok: {report.rows} rows in {report.files} file(s) can be rendered with {args.model}")
     return EXIT_OK
@@ -136,7 +159,9 @@ def _models(args: argparse.Namespace) -> int:
     for s in specs:
         default = f"{s.width}x{s.height} {s.num_inference_steps}st"
         print(f"{s.name:<24} {s.kind:<6} {default:<18} {s.sizes.describe():<44} {s.description}")
-    print("\nAlso accepted: any Hugging Face repo id of these pipelines, or a local folder with model_index.json.")
+    print(
+        "\nAlso accepted: any Hugging Face repo id of these pipelines, or a local folder with model_index.json."
+    )
     return EXIT_OK
 
 
@@ -147,7 +172,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     signal.signal(signal.SIGTERM, _terminate)
     handlers = {"render": _render, "validate": _validate, "status": _status, "models": _models}
     try:
@@ -156,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogdist: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("cogdist: interrupted; finished rows are committed, re-run the same command to resume", file=sys.stderr)
+        print(
+            "cogdist: interrupted; finished rows are committed, re-run the same command to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-
-

@@ -24,7 +24,7 @@ from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
 from cogdist.progress import Progress
 from cogdist.scheduler import Failed, Finished, Scheduler
-from cogdist.scheduler.pending import PendingCount, count_pending, pending_rows
+from cogdist.scheduler.pending import PendingSet, pending_rows, scan_pending
 from cogdist.sink.encode import extension
 from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job_record
 from cogdist.sink.ledger import FAILURE_SCHEMA, FAILURES, INDEX, PartWriter, index_schema, now_utc, read_ids
@@ -55,7 +55,13 @@ class RenderSummary:
     previously_failed: int
     """Rows an earlier run recorded as failed, skipped now (see retry_failed)."""
     seconds: float
+    """Wall time of the whole call."""
     ray_start_seconds: float = 0.0
+    """Starting (or joining) Ray."""
+    startup_seconds: float = 0.0
+    """From the call until the first replica was ready to render (checks, scan, Ray, model load)."""
+    steady_seconds: float = 0.0
+    """From the first replica ready until the last row was committed (shutdown excluded)."""
 
     @property
     def ok(self) -> bool:
@@ -132,7 +138,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
 
     done_ids = read_ids(out, INDEX)
     failed_ids = pa.array([], pa.string()) if options.retry_failed else read_ids(out, FAILURES)
-    counts = count_pending(job.source, done_ids, failed_ids)
+    counts = scan_pending(job.source, done_ids, failed_ids)
     log_line = (
         f"cogdist: {counts.total} rows in manifest, {counts.done} already done"
         + (f", {counts.failed} failed earlier (skipped)" if counts.failed else "")
@@ -141,24 +147,25 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     if options.progress:
         print(log_line, file=sys.stderr, flush=True)
 
-    def summary(done: int = 0, failed: int = 0, ray_seconds: float = 0.0) -> RenderSummary:
+    def summary(loop: RenderLoop | None = None, ray_seconds: float = 0.0) -> RenderSummary:
         return RenderSummary(
             out=out.public_uri,
             model=job.spec.name,
             total=counts.total,
-            done=done,
+            done=loop.done if loop else 0,
             skipped=counts.done,
-            failed=failed,
+            failed=loop.failed if loop else 0,
             previously_failed=counts.failed,
             seconds=time.perf_counter() - started,
             ray_start_seconds=ray_seconds,
+            startup_seconds=loop.first_ready - started if loop and loop.first_ready else 0.0,
+            steady_seconds=loop.last_commit - loop.first_ready if loop and loop.first_ready else 0.0,
         )
 
     if counts.pending == 0:
         return summary()
 
-    skip = pa.concat_arrays([done_ids, failed_ids])
-    rows = pending_rows(job.source, skip, job.spec, extension(options.format))
+    rows = pending_rows(job.source, counts, job.spec, extension(options.format))
     scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
     embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.sp)
     cluster = connect(options.address, num_cpus=embedded_cpus)
@@ -167,7 +174,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
         loop.run()
     finally:
         disconnect(cluster)
-    return summary(loop.done, loop.failed, cluster.start_seconds)
+    return summary(loop, cluster.start_seconds)
 
 
 def replica_layout(options: RenderOptions, cluster: Cluster) -> tuple[int, GangSpec]:
@@ -200,7 +207,7 @@ class RenderLoop:
         job: Plan,
         cluster: Cluster,
         scheduler: Scheduler,
-        counts: PendingCount,
+        counts: PendingSet,
         worker_class: type,
     ):
         import ray
@@ -225,7 +232,8 @@ class RenderLoop:
         self.progress = Progress(counts.pending, self.options.progress, n)
         self.done = 0
         self.failed = 0
-        self.extension = extension(self.options.format)
+        self.first_ready = 0.0  # perf_counter() when the first replica became ready
+        self.last_commit = 0.0  # perf_counter() after the last commit
         if self.options.progress:
             self.progress.write(
                 f"cogdist: {n} replica(s) of {gang_spec.describe()} on a cluster with "
@@ -252,7 +260,9 @@ class RenderLoop:
                         self._handle(ref)
                 self._watch_placement()
                 pending = self.index.pending + self.failures.pending
-                if pending and (pending >= COMMIT_ROWS or time.monotonic() - last_commit >= self.options.commit_interval):
+                if pending and (
+                    pending >= COMMIT_ROWS or time.monotonic() - last_commit >= self.options.commit_interval
+                ):
                     self._commit()
                     last_commit = time.monotonic()
         finally:
@@ -295,6 +305,7 @@ class RenderLoop:
             replica.setup_pending.discard(ref)
             if not replica.setup_pending:
                 replica.gang.state = GangState.READY
+                self.first_ready = self.first_ready or time.perf_counter()
                 self.progress.set_ready(sum(r.ready for r in self.replicas))
                 if self.options.progress and replica.restarts:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
@@ -328,7 +339,9 @@ class RenderLoop:
             )
             self._start(replica)
         else:
-            self.progress.write(f"cogdist: replica {replica.index} given up after {replica.restarts} rebuilds: {reason}")
+            self.progress.write(
+                f"cogdist: replica {replica.index} given up after {replica.restarts} rebuilds: {reason}"
+            )
 
     def _all_replicas_lost(self) -> str:
         reasons = "\n".join(f"  replica {r.index}: {r.last_error}" for r in self.replicas)
@@ -400,6 +413,7 @@ class RenderLoop:
     def _commit(self) -> None:
         self.index.commit()
         self.failures.commit()
+        self.last_commit = time.perf_counter()
 
 
 def _describe(error: BaseException) -> str:

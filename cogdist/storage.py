@@ -8,6 +8,7 @@ trusted once the stored size equals the buffer's size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -64,7 +65,9 @@ def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str, str]:
     portable = uri
     if options and "endpoint_override" not in query:
         # Workers may run where this environment variable is not set: name the endpoint.
-        portable = parsed._replace(query=urlencode({**{k: v[-1] for k, v in query.items()}, **options})).geturl()
+        portable = parsed._replace(
+            query=urlencode({**{k: v[-1] for k, v in query.items()}, **options})
+        ).geturl()
     for name, values in query.items():
         if name not in _S3_QUERY_OPTIONS:
             raise StorageError(
@@ -174,10 +177,8 @@ class Location:
             self.fs.delete_dir(path)
 
     def delete_file(self, rel: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.path(rel))
-        except FileNotFoundError:
-            pass
 
 
 def _write_local_atomic(path: str, data: bytes, durable: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -118,7 +119,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m cogdist ARGS` in a subprocess, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "cogdist", *args],
@@ -144,7 +147,5 @@ def session_processes(sid: int) -> list[psutil.Process]:
 def reap_session(sid: int) -> None:
     """Kill whatever is left of a session (a safety net after the assertions)."""
     for process in session_processes(sid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -31,8 +31,12 @@ def pipe():
     return cogview4.load_pipeline(PRESETS["tiny-cogview4"], CPU, torch.float32)
 
 
-def item(item_id: str, prompt: str, seed: int, *, negative=None, size=(64, 64), steps=4, guidance=5.0) -> WorkItem:
-    return WorkItem(item_id, prompt, negative, seed, size[0], size[1], steps, guidance, None, f"outputs/{item_id}.png")
+def item(
+    item_id: str, prompt: str, seed: int, *, negative=None, size=(64, 64), steps=4, guidance=5.0
+) -> WorkItem:
+    return WorkItem(
+        item_id, prompt, negative, seed, size[0], size[1], steps, guidance, None, f"outputs/{item_id}.png"
+    )
 
 
 def stock(pipe, it: WorkItem) -> np.ndarray:
@@ -54,7 +58,9 @@ def test_tiny_weights_are_identical_in_every_process(pipe):
         "from tests.test_cogview4 import weights_digest;"
         "print(weights_digest(cogview4.load_pipeline(PRESETS['tiny-cogview4'], torch.device('cpu'), torch.float32)))"
     )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert other == weights_digest(pipe)
     assert weights_digest(cogview4.build_tiny(seed=1)) != other
 
@@ -116,7 +122,9 @@ def test_saved_pipeline_loads_through_from_pretrained_and_renders_the_same(pipe,
     loaded = cogview4.load_pipeline(spec, CPU, torch.float32)
     assert weights_digest(loaded) == weights_digest(pipe)
     row = item("x", "a paper crane", 5)
-    np.testing.assert_array_equal(cogview4.render(loaded, [row], CPU)[0], cogview4.render(pipe, [row], CPU)[0])
+    np.testing.assert_array_equal(
+        cogview4.render(loaded, [row], CPU)[0], cogview4.render(pipe, [row], CPU)[0]
+    )
 
 
 def test_loading_refuses_pickle_checkpoints(tmp_path, pipe):

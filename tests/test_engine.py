@@ -16,17 +16,21 @@ from tests.faults import PoisonWorker, dying_worker
 
 
 def manifest_rows(n: int, **extra) -> list[dict]:
-    return [{"id": f"item/{i:03d}", "prompt": f"prompt number {i}", "tag": f"t{i % 3}", **extra} for i in range(n)]
+    return [
+        {"id": f"item/{i:03d}", "prompt": f"prompt number {i}", "tag": f"t{i % 3}", **extra} for i in range(n)
+    ]
 
 
-def index_table(out) -> "ds.Dataset":
+def index_table(out) -> ds.Dataset:
     return ds.dataset(f"{out}/index").to_table()
 
 
 def test_render_by_model_path_fills_the_index_once(ray_session, tmp_path, tiny_model_dir):
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(6))
     out = tmp_path / "out"
-    summary = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, batch_size=2)
+    summary = cogdist.render(
+        str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, batch_size=2
+    )
     assert (summary.done, summary.skipped, summary.failed, summary.ok) == (6, 0, 0, True)
     table = index_table(out)
     assert sorted(table["id"].to_pylist()) == [f"item/{i:03d}" for i in range(6)]
@@ -44,7 +48,9 @@ def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, 
     rows[3]["prompt"] = "poison two"
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
-    options = RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, batch_size=2, max_retries=2)
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", str(out), progress=False, batch_size=2, max_retries=2
+    )
     summary = engine.run(options, worker_class=PoisonWorker)
     assert (summary.done, summary.failed, summary.ok, summary.exit_code) == (3, 2, False, 1)
     assert sorted(index_table(out)["id"].to_pylist()) == ["item/000", "item/002", "item/004"]
@@ -58,7 +64,9 @@ def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, 
     # A plain re-run skips recorded failures; --retry-failed renders them (here with a healthy worker).
     rerun = engine.run(options)
     assert (rerun.done, rerun.previously_failed, rerun.ok) == (0, 2, False)
-    retried = engine.run(RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, retry_failed=True))
+    retried = engine.run(
+        RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, retry_failed=True)
+    )
     assert (retried.done, retried.skipped, retried.ok) == (2, 3, True)
     assert index_table(out).num_rows == 5
     assert cogdist.status(str(out), str(manifest)).failed == 0
@@ -68,7 +76,9 @@ def test_worker_death_rebuilds_the_replica_and_costs_no_attempt(ray_session, tmp
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(8))
     out = tmp_path / "out"
     worker = dying_worker(tmp_path, victim="item/005")
-    options = RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, max_retries=0)
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, max_retries=0
+    )
     summary = engine.run(options, worker_class=worker)
     assert (tmp_path / "died").exists(), "the fault was not injected"
     assert (summary.done, summary.failed, summary.ok) == (8, 0, True)
@@ -104,7 +114,9 @@ def test_sizes_and_defaults_reach_the_output(ray_session, tmp_path):
     ]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
-    assert cogdist.render(str(manifest), model="tiny-cogview4", out=str(out), progress=False, width=96, height=96).ok
+    assert cogdist.render(
+        str(manifest), model="tiny-cogview4", out=str(out), progress=False, width=96, height=96
+    ).ok
     table = {r["id"]: r for r in index_table(out).to_pylist()}
     assert (table["wide"]["width"], table["wide"]["height"]) == (128, 64)
     assert (table["default"]["width"], table["default"]["height"]) == (96, 96)

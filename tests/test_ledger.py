@@ -11,15 +11,29 @@ from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job
 from cogdist.sink.ledger import INDEX, RESULT_FIELDS, PartWriter, index_schema, now_utc, read_ids
 from cogdist.storage import open_location
 
-MANIFEST = pa.schema([("id", pa.large_string()), ("prompt", pa.string()), ("seed", pa.int32()), ("tag", pa.string())])
+MANIFEST = pa.schema(
+    [("id", pa.large_string()), ("prompt", pa.string()), ("seed", pa.int32()), ("tag", pa.string())]
+)
 
 
 def index_row(i: int) -> dict:
     return {
-        "id": f"r{i}", "prompt": "p", "tag": "t", "uri": f"/o/r{i}.png", "path": f"outputs/r{i}.png",
-        "seed": i, "width": 64, "height": 64, "num_frames": None, "num_inference_steps": 4,
-        "guidance_scale": 5.0, "model": "m", "format": "png", "render_seconds": 0.1,
-        "finished_at": now_utc(), "attempts": 1,
+        "id": f"r{i}",
+        "prompt": "p",
+        "tag": "t",
+        "uri": f"/o/r{i}.png",
+        "path": f"outputs/r{i}.png",
+        "seed": i,
+        "width": 64,
+        "height": 64,
+        "num_frames": None,
+        "num_inference_steps": 4,
+        "guidance_scale": 5.0,
+        "model": "m",
+        "format": "png",
+        "render_seconds": 0.1,
+        "finished_at": now_utc(),
+        "attempts": 1,
     }
 
 
@@ -61,8 +75,17 @@ def test_unreadable_part_is_quarantined(tmp_path):
 
 
 def settings(**changes) -> JobSettings:
-    base = dict(model="tiny-cogview4", width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
-                format="png", quality=95, dtype="auto", columns=("id", "prompt"))
+    base = dict(
+        model="tiny-cogview4",
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        format="png",
+        quality=95,
+        dtype="auto",
+        columns=("id", "prompt"),
+    )
     return JobSettings(**{**base, **changes})
 
 

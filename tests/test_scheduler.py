@@ -59,7 +59,9 @@ def test_failed_row_is_retried_alone_then_recorded():
     retry = scheduler.next_unit()
     assert [i.id for i in retry.items] == ["r1"]
     finished, failed = scheduler.complete(retry.unit_id, (ItemResult("r1", ok=False, error="boom again"),))
-    assert not finished and [(f.row.item.id, f.error, f.row.attempts) for f in failed] == [("r1", "boom again", 2)]
+    assert not finished and [(f.row.item.id, f.error, f.row.attempts) for f in failed] == [
+        ("r1", "boom again", 2)
+    ]
     assert scheduler.finished
 
 

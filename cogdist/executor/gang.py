@@ -7,6 +7,7 @@ and builds a new gang (the pattern of Ray Train's worker group and vLLM's Ray ex
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -100,14 +101,10 @@ class Gang:
 
     def kill(self) -> None:
         for actor in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # already dead
                 ray.kill(actor, no_restart=True)
-            except Exception:  # already dead
-                pass
         if self.group is not None:
-            try:
+            with contextlib.suppress(Exception):
                 remove_placement_group(self.group)
-            except Exception:
-                pass
         self.actors, self.group, self.setup_refs = [], None, []
         self.state = GangState.DEAD

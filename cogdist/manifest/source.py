@@ -116,7 +116,9 @@ def _find_files(uri: str) -> tuple[Location, list[str]]:
         if info.type == pafs.FileType.NotFound:
             raise ManifestError([ManifestProblem(f"{location.public_uri} does not exist")])
     elif info.type != pafs.FileType.Directory:
-        raise ManifestError([ManifestProblem(f"{location.public_uri} (base of pattern {uri!r}) does not exist")])
+        raise ManifestError(
+            [ManifestProblem(f"{location.public_uri} (base of pattern {uri!r}) does not exist")]
+        )
     selector = pafs.FileSelector(location.root, recursive=True)
     paths = []
     for entry in fs.get_file_info(selector):

@@ -60,14 +60,20 @@ def check_schema(schema: pa.Schema, spec: ModelSpec) -> list[ManifestProblem]:
     problems = []
     for name in REQUIRED:
         if name not in schema.names:
-            problems.append(ManifestProblem(f"required column is missing (columns: {', '.join(schema.names)})", column=name))
+            problems.append(
+                ManifestProblem(
+                    f"required column is missing (columns: {', '.join(schema.names)})", column=name
+                )
+            )
     for field in schema:
         kind = COLUMNS.get(field.name)
         if kind is not None and not _KIND_CHECK[kind](field.type):
             problems.append(ManifestProblem(f"has type {field.type}; expected {kind}", column=field.name))
         if field.name in RESERVED:
             problems.append(
-                ManifestProblem("is a name cogdist writes into the index; rename this column", column=field.name)
+                ManifestProblem(
+                    "is a name cogdist writes into the index; rename this column", column=field.name
+                )
             )
     if schema.get_field_index("id") >= 0 and len(schema.get_all_field_indices("id")) > 1:
         problems.append(ManifestProblem("appears more than once", column="id"))
@@ -163,6 +169,7 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
         bad_h = (h_np % rule.multiple != 0) | (h_np < rule.min_side) | (h_np > rule.max_side)
         if rule.max_area is not None:
             bad_h |= ~bad_w & (w_np * h_np > rule.max_area)
+
         def reason(i: int) -> str:
             return f"{rule.problem(int(w_np[i]), int(h_np[i]))} ({spec.name} takes {rule.describe()})"
 
@@ -180,7 +187,9 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
     frames = check.column("num_frames")
     if frames is not None:
         if spec.kind == "image":
-            check.flag(pc.is_valid(frames), "num_frames", f"{spec.name} makes images; num_frames is for video models")
+            check.flag(
+                pc.is_valid(frames), "num_frames", f"{spec.name} makes images; num_frames is for video models"
+            )
         else:
             check.flag(pc.less_equal(frames, 0), "num_frames", "must be a positive integer")
 

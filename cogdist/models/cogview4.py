@@ -16,7 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    AutoencoderKL,
+    CogView4Pipeline,
+    CogView4Transformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GlmConfig, GlmModel, PreTrainedTokenizerFast
 
@@ -35,7 +40,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>"
+    )
 
 
 def build_tiny(seed: int = 0) -> CogView4Pipeline:
@@ -82,7 +89,11 @@ def build_tiny(seed: int = 0) -> CogView4Pipeline:
             sample_size=64,
         )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True, time_shift_type="linear"
+        base_shift=0.25,
+        max_shift=0.75,
+        base_image_seq_len=256,
+        use_dynamic_shifting=True,
+        time_shift_type="linear",
     )
     text_encoder.eval()
     transformer.eval()

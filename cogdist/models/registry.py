@@ -167,7 +167,9 @@ def _spec_from_index(name: str, source: str, read: Callable[[str], dict]) -> Mod
     family = PIPELINE_FAMILIES.get(class_name)
     if family is None:
         known = ", ".join(sorted(PIPELINE_FAMILIES))
-        raise ModelError(f"model {name} is a {class_name or 'pipeline of unknown class'}; cogdist runs {known}")
+        raise ModelError(
+            f"model {name} is a {class_name or 'pipeline of unknown class'}; cogdist runs {known}"
+        )
     try:
         return _FROM_CONFIGS[family](name, source, read)
     except (OSError, KeyError, ValueError) as e:

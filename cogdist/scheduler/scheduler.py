@@ -111,7 +111,9 @@ class Scheduler:
         for row in self._in_flight.pop(unit_id):
             row.crashes += 1
             if row.crashes >= self.max_crashes:
-                failed.append(Failed(row, f"worker died {row.crashes} times while rendering this row: {reason}"))
+                failed.append(
+                    Failed(row, f"worker died {row.crashes} times while rendering this row: {reason}")
+                )
             else:
                 self._retries.append([row])
         return failed

@@ -135,4 +135,6 @@ def read_table(location: Location, folder: str, columns: list[str] | None = None
     parts = location.list_files(folder, ".parquet")
     if not parts:
         return None
-    return ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet").to_table(columns=columns)
+    return ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet").to_table(
+        columns=columns
+    )

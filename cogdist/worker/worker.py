@@ -40,7 +40,9 @@ class WorkerInfo:
 
 
 class RenderWorker:
-    def __init__(self, spec: ModelSpec, out_uri: str, settings: WorkerSettings, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, spec: ModelSpec, out_uri: str, settings: WorkerSettings, rank: int = 0, world_size: int = 1
+    ):
         self.spec = spec
         self.out_uri = out_uri
         self.settings = settings

@@ -1,0 +1,143 @@
+"""Framework overhead: cogdist against a plain single-process diffusers loop, same rows, same PNGs.
+
+    python benchmarks/overhead.py [--rows 64] [--size 512] [--steps 6] [--rounds 3]
+
+Renders the rows with the stock `CogView4Pipeline` in a loop (the tiny-cogview4 weights, CPU
+generator per row, PNG written with Pillow), then with `cogdist.render` at replicas=1 and
+replicas=2 on an embedded Ray instance. cogdist's steady state is its wall time after the first
+replica was ready (Ray start and model load are reported separately); the goal is <= 1.10x the
+loop. A shared 2-core machine is noisy, so the three are run in interleaved rounds and the
+medians compared. Results go to benchmarks/results/overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cogdist  # noqa: E402
+from benchmarks.common import save  # noqa: E402
+from cogdist.models.cogview4 import build_tiny  # noqa: E402
+from cogdist.sink.encode import encode_image  # noqa: E402
+
+
+def make_manifest(path: Path, rows: int, size: int, steps: int) -> list[dict]:
+    data = [
+        {
+            "id": f"bench-{i:04d}",
+            "prompt": f"benchmark scene {i}, a small house by a lake",
+            "seed": i,
+            "width": size,
+            "height": size,
+            "num_inference_steps": steps,
+        }
+        for i in range(rows)
+    ]
+    pq.write_table(pa.Table.from_pylist(data), path)
+    return data
+
+
+def plain_loop(rows: list[dict], out: Path) -> tuple[float, dict[str, np.ndarray]]:
+    pipe = build_tiny(0)
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True)
+    images = {}
+    start = time.perf_counter()
+    for row in rows:
+        image = pipe(
+            row["prompt"],
+            height=row["height"],
+            width=row["width"],
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=5.0,
+            generator=torch.Generator("cpu").manual_seed(row["seed"]),
+        ).images[0]
+        pixels = np.asarray(image)
+        (out / f"{row['id']}.png").write_bytes(encode_image(pixels, "png"))
+        images[row["id"]] = pixels
+    return time.perf_counter() - start, images
+
+
+def cogdist_run(manifest: Path, out: Path, replicas: int) -> tuple[dict, dict[str, np.ndarray]]:
+    summary = cogdist.render(
+        str(manifest), model="tiny-cogview4", out=str(out), replicas=replicas, progress=False
+    )
+    assert summary.ok, summary
+    table = ds.dataset(str(out / "index")).to_table(columns=["id", "uri"]).to_pylist()
+    images = {r["id"]: np.asarray(Image.open(io.BytesIO(Path(r["uri"]).read_bytes()))) for r in table}
+    steady = summary.steady_seconds
+    return {
+        "wall_seconds": round(summary.seconds, 2),
+        "ray_start_seconds": round(summary.ray_start_seconds, 2),
+        "startup_seconds": round(summary.startup_seconds, 2),
+        "steady_seconds": round(steady, 2),
+        "shutdown_seconds": round(summary.seconds - summary.startup_seconds - steady, 2),
+        "items_per_second": round(summary.done / steady, 3),
+    }, images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    loops: list[float] = []
+    runs: dict[str, list[dict]] = {"replicas=1": [], "replicas=2": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows = make_manifest(work / "m.parquet", args.rows, args.size, args.steps)
+        for round_ in range(args.rounds):
+            seconds, reference = plain_loop(rows, work / f"loop-{round_}")
+            loops.append(round(seconds, 2))
+            print(
+                f"round {round_}: plain loop {seconds:.2f}s ({args.rows / seconds:.2f} items/s)", flush=True
+            )
+            for replicas in (1, 2):
+                result, images = cogdist_run(
+                    work / "m.parquet", work / f"cogdist-{replicas}-{round_}", replicas
+                )
+                result["identical_to_loop"] = all(np.array_equal(images[k], v) for k, v in reference.items())
+                runs[f"replicas={replicas}"].append(result)
+                print(f"round {round_}: cogdist replicas={replicas}: {result}", flush=True)
+
+    loop_median = statistics.median(loops)
+    steady = {name: statistics.median(r["steady_seconds"] for r in results) for name, results in runs.items()}
+    result = {
+        "rows": args.rows,
+        "size": args.size,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "loop_seconds": loops,
+        "loop_median_seconds": loop_median,
+        "seconds_per_item_loop": round(loop_median / args.rows, 3),
+        "cogdist": runs,
+        "cogdist_median_steady_seconds": steady,
+        "overhead_ratio_replicas1": round(steady["replicas=1"] / loop_median, 3),
+        "speedup_replicas2_vs_replicas1": round(steady["replicas=1"] / steady["replicas=2"], 3),
+        "all_outputs_identical_to_loop": all(r["identical_to_loop"] for rs in runs.values() for r in rs),
+        "goal": "cogdist replicas=1 steady <= 1.10 x loop",
+    }
+    print(f"overhead ratio (median steady, replicas=1): {result['overhead_ratio_replicas1']}")
+    print(f"replicas=2 speed-up over replicas=1: {result['speedup_replicas2_vs_replicas1']}")
+    print(f"saved {save('overhead', result)}")
+
+
+if __name__ == "__main__":
+    main()

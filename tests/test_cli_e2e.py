@@ -1,0 +1,219 @@
+"""End to end through the CLI in subprocesses, each with its own embedded Ray instance."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+from PIL import Image
+
+from cogdist.storage import open_location
+from tests.conftest import DEMO, ROOT, cli, reap_session, session_processes, write_manifest
+
+pytestmark = pytest.mark.e2e
+
+
+def read_index(out: str):
+    location = open_location(out)
+    return ds.dataset(location.path("index"), filesystem=location.fs).to_table(), location
+
+
+def decode(location, path: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(location.read_bytes(path))).convert("RGB"))
+
+
+def test_demo_render_then_rerun_renders_nothing(tmp_path):
+    out = tmp_path / "out"
+    first = cli("render", str(DEMO), "--model", "tiny-cogview4", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "24 rendered, 0 already done, 0 failed of 24 rows" in first.stdout
+    assert "render: 100%" in first.stderr and "item/s" in first.stderr  # the progress bar
+
+    table, location = read_index(str(out))
+    assert table.num_rows == 24 and len(set(table["id"].to_pylist())) == 24
+    assert {"uri", "seed", "width", "height", "model", "render_seconds", "category"} <= set(
+        table.column_names
+    )
+    demo = ds.dataset(str(DEMO)).to_table()
+    categories = dict(zip(demo["id"].to_pylist(), demo["category"].to_pylist()))
+    for row in table.to_pylist():
+        assert row["category"] == categories[row["id"]]  # the extra column, carried unchanged
+        assert decode(location, row["path"]).shape == (row["height"], row["width"], 3)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "outputs").rglob("*.png")}
+    assert len(mtimes) == 24
+
+    second = cli("render", str(DEMO), "--model", "tiny-cogview4", "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    assert "0 rendered, 24 already done" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "outputs").rglob("*.png")} == mtimes
+    assert read_index(str(out))[0].num_rows == 24
+
+    status = cli("status", str(out), "--manifest", str(DEMO))
+    assert status.returncode == 0 and "done     24" in status.stdout and "pending  0" in status.stdout
+
+    conflict = cli("render", str(DEMO), "--model", "tiny-cogview4", "--out", str(out), "--guidance", "7")
+    assert conflict.returncode == 2 and "--guidance: 5.0 in OUT, 7.0 now" in conflict.stderr
+
+
+def kill_manifest(tmp_path: Path, n: int = 60) -> Path:
+    # Big enough that a render takes several seconds, so the kill lands mid-run.
+    rows = [
+        {
+            "id": f"kill/{i:03d}",
+            "prompt": f"scene {i} " + "x" * (i % 17),
+            "width": 192,
+            "height": 192,
+            "num_inference_steps": 8,
+        }
+        for i in range(n)
+    ]
+    return write_manifest(tmp_path / "kill.parquet", rows)
+
+
+def committed_rows(out: str) -> int:
+    try:
+        return read_index(out)[0].num_rows
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, request):
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        out = f"s3://{bucket}/job"
+    else:
+        out = str(tmp_path / "out")
+    manifest = kill_manifest(tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "cogdist",
+        "render",
+        str(manifest),
+        "--model",
+        "tiny-cogview4",
+        "--out",
+        out,
+        "--no-progress",
+    ]
+    driver = subprocess.Popen(
+        command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    sid = os.getsid(driver.pid)
+    try:
+        deadline = time.monotonic() + 180
+        while committed_rows(out) == 0 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        committed = committed_rows(out)
+        assert driver.poll() is None, "the render finished before it could be killed"
+        assert 0 < committed < 60
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+
+        # Nothing of the killed job may outlive it: the reaper ends Ray's lingering agents too.
+        deadline = time.monotonic() + 30
+        while session_processes(sid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = [(p.pid, p.name()) for p in session_processes(sid)]
+        assert leftovers == [], f"processes left behind by the killed driver: {leftovers}"
+    finally:
+        reap_session(sid)
+
+    after_kill, _ = read_index(out)
+    assert after_kill.num_rows >= committed
+    assert len(set(after_kill["id"].to_pylist())) == after_kill.num_rows  # exactly once, even now
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{after_kill.num_rows} already done" in resumed.stdout
+
+    table, location = read_index(out)
+    ids = table["id"].to_pylist()
+    assert sorted(ids) == [f"kill/{i:03d}" for i in range(60)]  # every id, once
+    for row in table.to_pylist():
+        assert decode(location, row["path"]).shape == (row["height"], row["width"], 3)
+    # Outputs rendered but not indexed before the kill were re-rendered under the same name:
+    # nothing stray remains beside the indexed outputs.
+    stored = [
+        info.path
+        for info in location.fs.get_file_info(
+            __import__("pyarrow.fs", fromlist=["FileSelector"]).FileSelector(
+                location.path("outputs"), recursive=True
+            )
+        )
+        if info.type.name == "File"
+    ]
+    assert len(stored) == 60
+
+
+def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(tmp_path):
+    target = {"id": "target", "prompt": "a red fox in the snow", "seed": 42, "negative_prompt": "blurry"}
+    mates = [
+        {"id": f"mate-{i}", "prompt": p, "seed": i, "negative_prompt": None}
+        for i, p in enumerate(
+            [
+                "owl",
+                "a much longer prompt about a lighthouse on a cliff at dusk",
+                "a red cat",
+                "koi",
+                "ramen with an egg",
+            ]
+        )
+    ]
+    alone = write_manifest(tmp_path / "alone.parquet", [target])
+    crowd = write_manifest(tmp_path / "crowd.parquet", mates[:2] + [target] + mates[2:])
+    runs = {
+        "alone": (alone, ["--replicas", "1"]),
+        "batched": (crowd, ["--replicas", "1", "--batch-size", "4"]),
+        "two replicas": (crowd, ["--replicas", "2", "--batch-size", "2"]),
+    }
+    images = {}
+    for name, (manifest, flags) in runs.items():
+        out = tmp_path / name.replace(" ", "-")
+        result = cli(
+            "render", str(manifest), "--model", "tiny-cogview4", "--out", str(out), "--no-progress", *flags
+        )
+        assert result.returncode == 0, result.stderr
+        table, location = read_index(str(out))
+        row = table.filter(ds.field("id") == "target").to_pylist()[0]
+        assert row["seed"] == 42
+        images[name] = decode(location, row["path"]).astype(int)
+    for name in ("batched", "two replicas"):
+        assert np.abs(images[name] - images["alone"]).max() <= 1, name
+
+    # Reproducible outside cogdist: the stock diffusers pipeline with a CPU generator.
+    from cogdist.models.cogview4 import build_tiny
+
+    pipe = build_tiny(0)
+    stock = pipe(
+        target["prompt"],
+        negative_prompt=target["negative_prompt"],
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(42),
+    ).images[0]
+    np.testing.assert_array_equal(np.asarray(stock).astype(int), images["alone"])
+
+
+def test_models_lists_the_presets():
+    result = cli("models")
+    assert result.returncode == 0
+    assert "tiny-cogview4" in result.stdout and "THUDM/CogView4-6B" in result.stdout
+
+
+def test_unknown_model_is_refused_clearly(tmp_path):
+    result = cli("render", str(DEMO), "--model", "no-such-model", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "unknown model 'no-such-model'" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,43 @@
+"""jobs/: the Ray job entry points read their settings from arguments or the environment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+
+from jobs.render import arguments
+from tests.conftest import ROOT, write_manifest
+
+
+def test_environment_fills_what_the_arguments_leave_out():
+    env = {"COGDIST_MANIFEST": "s3://b/m", "COGDIST_MODEL": "tiny-cogview4", "COGDIST_OUT": "s3://b/o"}
+    assert arguments([], env) == ["render", "s3://b/m", "--model", "tiny-cogview4", "--out", "s3://b/o"]
+    assert arguments(["local.parquet", "--out", "x", "--replicas", "3"], env) == [
+        "render",
+        "local.parquet",
+        "--out",
+        "x",
+        "--replicas",
+        "3",
+        "--model",
+        "tiny-cogview4",
+    ]
+
+
+def test_render_job_runs_from_environment(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"j{i}", "prompt": "a job"} for i in range(3)])
+    out = tmp_path / "out"
+    env = {"COGDIST_MANIFEST": str(manifest), "COGDIST_MODEL": "tiny-cogview4", "COGDIST_OUT": str(out)}
+    result = subprocess.run(
+        [sys.executable, "jobs/render.py", "--no-progress", "--replicas", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 rendered" in result.stdout
+    assert ds.dataset(str(out / "index")).to_table().num_rows == 3
