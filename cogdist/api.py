@@ -52,7 +52,7 @@ def models() -> list[ModelSpec]:
 @dataclass(frozen=True)
 class JobStatus:
     out: str
-    model: str | None
+    model: str
     done: int
     failed: int
     """Ids recorded under failures/ and not (since) in the index."""
@@ -64,10 +64,10 @@ class JobStatus:
 
 def status(out: str, manifest: str | None = None) -> JobStatus:
     location = open_location(out)
+    if not location.exists(JOB_RECORD):
+        raise UsageError(f"{location.public_uri} holds no cogdist job (no {JOB_RECORD})")
+    model = json.loads(location.read_bytes(JOB_RECORD))["settings"]["model"]
     done = read_ids(location, INDEX)
-    model = None
-    if location.exists(JOB_RECORD):
-        model = json.loads(location.read_bytes(JOB_RECORD))["settings"]["model"]
     table = read_table(location, FAILURES)
     failures: list[tuple[str, str, int]] = []
     failed = 0

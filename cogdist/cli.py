@@ -138,7 +138,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return EXIT_OK
-    print(f"{result.out}: model {result.model or '?'}")
+    print(f"{result.out}: model {result.model}")
     print(f"  done     {result.done}")
     print(f"  failed   {result.failed}")
     if result.pending is not None:

@@ -123,3 +123,28 @@ def test_sizes_and_defaults_reach_the_output(ray_session, tmp_path):
     for row in table.values():
         pixels = np.asarray(Image.open(row["uri"]))
         assert pixels.shape == (row["height"], row["width"], 3)
+
+
+def test_credentials_never_reach_the_index_records_or_messages(ray_session, tmp_path, s3_server, s3_bucket):
+    secret = s3_server["AWS_SECRET_ACCESS_KEY"]
+    rows = manifest_rows(3)
+    rows[2]["prompt"] = "poison"
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = f"s3://{s3_server['AWS_ACCESS_KEY_ID']}:{secret}@{s3_bucket}/creds"
+    options = RenderOptions(str(manifest), "tiny-cogview4", out, progress=False, max_retries=0)
+    summary = engine.run(options, worker_class=PoisonWorker)
+    assert (summary.done, summary.failed) == (2, 1)
+    assert secret not in repr(summary)
+    from cogdist.storage import open_location
+
+    location = open_location(out)
+    for folder in ("index", "failures"):
+        table = ds.dataset(location.path(folder), filesystem=location.fs).to_table()
+        assert secret not in str(table.to_pylist())
+    assert secret not in location.read_bytes("_cogdist/job.json").decode()
+    assert secret not in str(cogdist.status(out))
+
+
+def test_status_of_a_folder_without_a_job(tmp_path):
+    with pytest.raises(UsageError, match="holds no cogdist job"):
+        cogdist.status(str(tmp_path))
