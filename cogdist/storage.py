@@ -8,7 +8,6 @@ trusted once the stored size equals the buffer's size.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
@@ -175,10 +174,6 @@ class Location:
         path = self.path(rel)
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
-
-    def delete_file(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_file(self.path(rel))
 
 
 def _write_local_atomic(path: str, data: bytes, durable: bool) -> None:

@@ -67,10 +67,6 @@ class Scheduler:
             self._pull()  # the stream may end exactly here; find out
         return self._stream_done and not self._buffered and not self._retries and not self._in_flight
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     def next_unit(self) -> WorkUnit | None:
         """The next unit to render, or None when there is nothing to hand out now."""
         if self._retries:
