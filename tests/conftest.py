@@ -49,6 +49,7 @@ def ray_session(s3_server):
     import ray
 
     ray.init(
+        address="local",  # never a cluster some `ray start` left behind (tests/test_cluster.py makes one)
         num_cpus=4,
         include_dashboard=False,
         logging_level="WARNING",
