@@ -80,11 +80,6 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
         failures = list(latest.values())[:20]
     pending = None
     if manifest is not None:
-        failed_ids = pa.array([f for f in _failed_ids(table)], pa.string())
-        counts = scan_pending(ManifestSource(manifest), done, failed_ids)
-        pending = counts.pending
+        failed_ids = table["id"].combine_chunks() if table is not None else pa.array([], pa.string())
+        pending = scan_pending(ManifestSource(manifest), done, failed_ids).pending
     return JobStatus(location.public_uri, model, len(done), failed, pending, failures)
-
-
-def _failed_ids(table: pa.Table | None) -> list[str]:
-    return [] if table is None else table["id"].to_pylist()

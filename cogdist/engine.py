@@ -8,7 +8,6 @@ failed rows, and rebuilds a replica whose workers die.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -30,8 +29,6 @@ from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job
 from cogdist.sink.ledger import FAILURE_SCHEMA, FAILURES, INDEX, PartWriter, index_schema, now_utc, read_ids
 from cogdist.storage import Location, open_location
 from cogdist.worker.worker import RenderWorker, WorkerSettings
-
-log = logging.getLogger(__name__)
 
 COMMIT_ROWS = 1000  # commit early when this many rows are waiting
 PLACEMENT_WARN_SECONDS = 60.0
@@ -247,7 +244,7 @@ class RenderLoop:
         try:
             for replica in self.replicas:
                 self._start(replica)
-            last_commit = time.monotonic()
+            self.last_commit = time.perf_counter()
             while not self.scheduler.finished:
                 self._dispatch()
                 if not self.waiting:
@@ -261,10 +258,10 @@ class RenderLoop:
                 self._watch_placement()
                 pending = self.index.pending + self.failures.pending
                 if pending and (
-                    pending >= COMMIT_ROWS or time.monotonic() - last_commit >= self.options.commit_interval
+                    pending >= COMMIT_ROWS
+                    or time.perf_counter() - self.last_commit >= self.options.commit_interval
                 ):
                     self._commit()
-                    last_commit = time.monotonic()
         finally:
             try:
                 self._commit()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
@@ -146,11 +147,7 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
     # nothing stray remains beside the indexed outputs.
     stored = [
         info.path
-        for info in location.fs.get_file_info(
-            __import__("pyarrow.fs", fromlist=["FileSelector"]).FileSelector(
-                location.path("outputs"), recursive=True
-            )
-        )
+        for info in location.fs.get_file_info(pafs.FileSelector(location.path("outputs"), recursive=True))
         if info.type.name == "File"
     ]
     assert len(stored) == 60

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,15 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import ROOT, cli, free_port, reap_session, session_processes, write_manifest
+from tests.conftest import (
+    ROOT,
+    cli,
+    free_port,
+    reap_session,
+    session_processes,
+    wait_for_port,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -46,13 +53,7 @@ def ray_head():
     )
     address = f"127.0.0.1:{port}"
     # `ray status` blocks for a long time while GCS is not up: wait for its port first.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.5)
+    wait_for_port(port, 60)
     for _ in range(20):  # GCS answers before the cluster is fully up
         probe = subprocess.run(
             [str(ray), "status", "--address", address], capture_output=True, text=True, timeout=120

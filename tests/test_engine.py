@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
@@ -98,7 +100,7 @@ def test_s3_output_through_the_api(ray_session, tmp_path, s3_bucket):
     assert table.num_rows == 4
     for row in table.to_pylist():
         assert row["uri"].startswith(f"s3://{s3_bucket}/run/outputs/") and row["uri"].endswith(".jpg")
-        image = Image.open(__import__("io").BytesIO(location.read_bytes(row["path"])))
+        image = Image.open(io.BytesIO(location.read_bytes(row["path"])))
         assert image.format == "JPEG" and image.size == (64, 64)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def test_render_job_runs_from_environment(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, **env},
+        env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr
     assert "3 rendered" in result.stdout

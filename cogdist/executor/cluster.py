@@ -8,8 +8,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Cluster:
