@@ -31,6 +31,10 @@ from cogdist.storage import Location, open_location
 from cogdist.worker.worker import RenderWorker, WorkerSettings
 
 COMMIT_ROWS = 1000  # commit early when this many rows are waiting
+# A replica is handed a further unit while it renders only when what it holds should be done
+# within this long: prefetching hides the driver's round trip for quick units, but a unit queued
+# behind a slow one would wait there while another replica sits idle.
+PREFETCH_SECONDS = 2.0
 PLACEMENT_WARN_SECONDS = 60.0
 WAIT_SECONDS = 0.5
 
@@ -271,17 +275,21 @@ class RenderLoop:
                 self.progress.close()
 
     def _dispatch(self) -> None:
-        """Top every ready replica up to max_in_flight units."""
+        """Top every ready replica up to max_in_flight units, prefetching only behind quick ones."""
         for replica in self.replicas:
             if not replica.ready:
                 continue
-            in_flight = sum(1 for r, unit in self.waiting.values() if r is replica and unit is not None)
-            while in_flight < self.options.max_in_flight:
+            held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
+            while len(held) < self.options.max_in_flight:
+                if held:
+                    expected = [self.scheduler.expected_seconds(u) for u in held]
+                    if None in expected or sum(expected) > PREFETCH_SECONDS:  # type: ignore[arg-type]
+                        break
                 unit = self.scheduler.next_unit()
                 if unit is None:
                     return
                 self.waiting[replica.gang.submit(unit)] = (replica, unit.unit_id)
-                in_flight += 1
+                held.append(unit.unit_id)
 
     def _handle(self, ref) -> None:
         replica, unit_id = self.waiting.pop(ref)
@@ -307,7 +315,7 @@ class RenderLoop:
                 if self.options.progress and replica.restarts:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
             return
-        self._record(*self.scheduler.complete(unit_id, result.items))
+        self._record(*self.scheduler.complete(unit_id, result.items, result.seconds))
 
     def _start(self, replica: Replica) -> None:
         refs = replica.gang.start()

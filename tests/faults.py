@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from ray import cloudpickle
@@ -33,6 +35,29 @@ def dying_worker(marker_dir: Path, victim: str) -> type:
             return super().render(unit)
 
     return DyingWorker
+
+
+def timed_worker(log_dir: Path, slow_width: int, slow_seconds: float) -> type:
+    """A worker that takes `slow_seconds` longer for rows of width `slow_width`, and logs every
+    unit it renders as a JSON line (pid, ids, start, end) in `log_dir`."""
+
+    class TimedWorker(RenderWorker):
+        def render(self, unit):
+            start = time.time()
+            if unit.items[0].width == slow_width:
+                time.sleep(slow_seconds)
+            result = super().render(unit)
+            record = {
+                "pid": os.getpid(),
+                "ids": [i.id for i in unit.items],
+                "start": start,
+                "end": time.time(),
+            }
+            with open(Path(log_dir) / f"{os.getpid()}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            return result
+
+    return TimedWorker
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

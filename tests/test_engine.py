@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -14,7 +15,7 @@ from cogdist import engine
 from cogdist.errors import UsageError
 from cogdist.options import RenderOptions
 from tests.conftest import write_manifest
-from tests.faults import PoisonWorker, dying_worker
+from tests.faults import PoisonWorker, dying_worker, timed_worker
 
 
 def manifest_rows(n: int, **extra) -> list[dict]:
@@ -150,3 +151,21 @@ def test_credentials_never_reach_the_index_records_or_messages(ray_session, tmp_
 def test_status_of_a_folder_without_a_job(tmp_path):
     with pytest.raises(UsageError, match="holds no cogdist job"):
         cogdist.status(str(tmp_path))
+
+
+def test_quick_rows_never_wait_behind_a_slow_unit_while_a_replica_is_free(ray_session, tmp_path):
+    """A mixed manifest: one slow shape and many quick ones. Nothing is queued behind the slow
+    unit, so every quick row is done while it still renders, on the other replica."""
+    rows = [{"id": "slow", "prompt": "a big scene", "width": 128, "height": 64}]
+    rows += [{"id": f"quick/{i:02d}", "prompt": f"scene {i}"} for i in range(12)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    log = tmp_path / "log"
+    log.mkdir()
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(tmp_path / "out"), progress=False, replicas=2)
+    summary = engine.run(options, worker_class=timed_worker(log, slow_width=128, slow_seconds=8.0))
+    assert summary.ok and summary.done == 13
+    units = [json.loads(line) for path in log.iterdir() for line in path.read_text().splitlines()]
+    slow = next(u for u in units if u["ids"] == ["slow"])
+    quick = [u for u in units if u["ids"] != ["slow"]]
+    assert len({u["pid"] for u in units}) == 2  # both replicas worked
+    assert all(u["end"] < slow["end"] for u in quick), "a quick row waited behind the slow unit"

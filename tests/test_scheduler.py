@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cogdist.scheduler import Scheduler
 from cogdist.work import ItemResult, WorkItem
 
@@ -85,3 +87,18 @@ def test_lost_units_are_requeued_without_charging_an_attempt():
     failed = scheduler.unit_lost(unit.unit_id, "actor died")
     assert len(failed) == 1 and "died 3 times" in failed[0].error and failed[0].row.attempts == 0
     assert scheduler.finished
+
+
+def test_expected_seconds_learn_per_shape_from_finished_units():
+    rows = [item(i, width=64) for i in range(3)] + [item(9, width=128)]
+    scheduler = Scheduler(iter(rows), batch_size=1)
+    first = scheduler.next_unit()
+    assert scheduler.expected_seconds(first.unit_id) is None  # nothing known yet
+    scheduler.complete(first.unit_id, ok(first), seconds=2.0)
+    second = scheduler.next_unit()
+    assert scheduler.expected_seconds(second.unit_id) == 2.0
+    scheduler.complete(second.unit_id, ok(second), seconds=1.0)
+    third = scheduler.next_unit()
+    assert scheduler.expected_seconds(third.unit_id) == pytest.approx(0.7 * 2.0 + 0.3 * 1.0)
+    other = scheduler.next_unit()
+    assert other.items[0].width == 128 and scheduler.expected_seconds(other.unit_id) is None

@@ -58,6 +58,7 @@ class Scheduler:
         self._retries: deque[list[Row]] = deque()
         self._in_flight: dict[int, list[Row]] = {}
         self._ids = itertools.count()
+        self._seconds_per_row: dict[tuple, float] = {}  # shape -> moving average of render time
 
     @property
     def finished(self) -> bool:
@@ -84,8 +85,24 @@ class Scheduler:
         key = max(self._buckets, key=lambda k: len(self._buckets[k]))
         return self._issue(self._take(key, self.batch_size))
 
-    def complete(self, unit_id: int, results: tuple[ItemResult, ...]) -> tuple[list[Finished], list[Failed]]:
-        rows = {row.item.id: row for row in self._in_flight.pop(unit_id)}
+    def expected_seconds(self, unit_id: int) -> float | None:
+        """How long an issued unit should take, from earlier units of its shape (None: no idea yet)."""
+        rows = self._in_flight.get(unit_id)
+        if not rows:
+            return None
+        per_row = self._seconds_per_row.get(rows[0].item.shape)
+        return None if per_row is None else per_row * len(rows)
+
+    def complete(
+        self, unit_id: int, results: tuple[ItemResult, ...], seconds: float | None = None
+    ) -> tuple[list[Finished], list[Failed]]:
+        """Settle a unit from its rows' results; `seconds` (its wall time) informs expected_seconds."""
+        issued = self._in_flight.pop(unit_id)
+        if seconds is not None and issued:
+            shape, per_row = issued[0].item.shape, seconds / len(issued)
+            previous = self._seconds_per_row.get(shape)
+            self._seconds_per_row[shape] = per_row if previous is None else 0.7 * previous + 0.3 * per_row
+        rows = {row.item.id: row for row in issued}
         finished, failed = [], []
         for result in results:
             row = rows.pop(result.id)
