@@ -23,6 +23,8 @@ def _add_model_defaults(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--height", type=int, help="default height")
     group.add_argument("--steps", type=int, help="default num_inference_steps")
     group.add_argument("--guidance", type=float, help="default guidance_scale")
+    group.add_argument("--frames", type=int, help="default num_frames (video models)")
+    group.add_argument("--fps", type=float, help="default frames per second of the MP4s (video models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--max-in-flight", type=int, default=2, help="units queued per replica (default 2)")
     render.add_argument("--max-retries", type=int, default=2, help="retries of a failing row (default 2)")
-    render.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="image format")
-    render.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    render.add_argument(
+        "--format",
+        choices=["png", "jpeg", "webp", "mp4"],
+        help="output format (default: png; mp4 for videos)",
+    )
+    render.add_argument(
+        "--quality",
+        type=int,
+        help="1..100: JPEG/WebP quality (default 95); MP4 quality (default 65 = CRF 18)",
+    )
+    render.add_argument(
+        "--save-frames", action="store_true", help="video models: also write every frame as a PNG"
+    )
+    memory = render.add_argument_group("memory (default: the model's; see `cogdist models`)")
+    memory.add_argument(
+        "--vae-tiling", action=argparse.BooleanOptionalAction, help="decode in overlapping tiles"
+    )
+    memory.add_argument(
+        "--vae-slicing", action=argparse.BooleanOptionalAction, help="decode a batch one sample at a time"
+    )
+    memory.add_argument(
+        "--cpu-offload",
+        action=argparse.BooleanOptionalAction,
+        help="GPU: keep only the running component on the GPU (model CPU offload)",
+    )
     render.add_argument(
         "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
@@ -111,6 +136,12 @@ def _render(args: argparse.Namespace) -> int:
         height=args.height,
         steps=args.steps,
         guidance=args.guidance,
+        frames=args.frames,
+        fps=args.fps,
+        save_frames=args.save_frames,
+        vae_tiling=args.vae_tiling,
+        vae_slicing=args.vae_slicing,
+        cpu_offload=args.cpu_offload,
     )
     print(summary.describe())
     return summary.exit_code
@@ -126,6 +157,8 @@ def _validate(args: argparse.Namespace) -> int:
         height=args.height,
         steps=args.steps,
         guidance=args.guidance,
+        frames=args.frames,
+        fps=args.fps,
     )
     print(f"ok: {report.rows} rows in {report.files} file(s) can be rendered with {args.model}")
     return EXIT_OK
@@ -155,10 +188,19 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**asdict(s), "conditioning": sorted(s.conditioning)} for s in specs], indent=2))
         return EXIT_OK
-    print(f"{'MODEL':<24} {'KIND':<6} {'DEFAULT':<18} {'SIZES':<44} DESCRIPTION")
+    print(f"{'MODEL':<40} {'TASKS':<34} {'DEFAULT':<28} SIZES")
     for s in specs:
-        default = f"{s.width}x{s.height} {s.num_inference_steps}st"
-        print(f"{s.name:<24} {s.kind:<6} {default:<18} {s.sizes.describe():<44} {s.description}")
+        default = f"{s.width}x{s.height} {s.num_inference_steps} steps"
+        if s.kind == "video":
+            default += f" {s.num_frames}f@{s.fps:g}fps"
+        print(f"{s.name:<40} {', '.join(s.tasks):<34} {default:<28} {s.sizes.describe()}")
+        notes = [s.description]
+        if s.frames:
+            notes.append(f"frames: {s.frames.describe()}")
+        memory = [name for name, on in (("vae tiling", s.vae_tiling), ("vae slicing", s.vae_slicing)) if on]
+        if memory:
+            notes.append(f"default memory options: {', '.join(memory)}")
+        print(f"    {'; '.join(notes)}")
     print(
         "\nAlso accepted: any Hugging Face repo id of these pipelines, or a local folder with model_index.json."
     )

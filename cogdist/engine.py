@@ -19,6 +19,7 @@ from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangError
 from cogdist.executor.cluster import Cluster, connect, disconnect
 from cogdist.executor.gang import Gang, GangSpec, GangState, RestartPolicy
 from cogdist.manifest import ManifestSource, validate_manifest
+from cogdist.manifest.rows import RowDefaults
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
 from cogdist.progress import Progress
@@ -106,8 +107,11 @@ def plan(options: RenderOptions) -> Plan:
         height=options.height,
         num_inference_steps=options.steps,
         guidance_scale=options.guidance,
+        num_frames=options.frames,
+        fps=options.fps,
     )
     options.check(spec)
+    options = options.resolved(spec)
     source = ManifestSource(options.manifest)
     validate_manifest(source, spec)
     out = open_location(options.out)
@@ -121,6 +125,10 @@ def plan(options: RenderOptions) -> Plan:
         quality=options.quality,
         dtype=options.dtype,
         columns=tuple(source.schema.names),
+        num_frames=spec.num_frames,
+        fps=spec.fps,
+        vae_tiling=bool(options.vae_tiling),
+        save_frames=options.save_frames,
     )
     return Plan(options, spec, source, out, settings)
 
@@ -166,7 +174,8 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     if counts.pending == 0:
         return summary()
 
-    rows = pending_rows(job.source, counts, job.spec, extension(options.format))
+    defaults = RowDefaults(extension=extension(job.options.format), save_frames=options.save_frames)
+    rows = pending_rows(job.source, counts, job.spec, defaults)
     scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
     embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.sp)
     cluster = connect(options.address, num_cpus=embedded_cpus)
@@ -224,6 +233,9 @@ class RenderLoop:
             quality=self.options.quality,
             dtype=self.options.dtype,
             threads=None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member),
+            vae_tiling=bool(self.options.vae_tiling),
+            vae_slicing=bool(self.options.vae_slicing),
+            cpu_offload=bool(self.options.cpu_offload),
         )
         args = (job.spec, job.out.worker_uri, settings)
         self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
@@ -396,6 +408,7 @@ class RenderLoop:
 
     def _index_row(self, finished: Finished) -> dict:
         item = finished.row.item
+        frames = finished.result.frames or item.num_frames
         row = dict(finished.row.manifest_row)
         row.update(
             id=item.id,
@@ -404,7 +417,11 @@ class RenderLoop:
             seed=item.seed,
             width=item.width,
             height=item.height,
-            num_frames=item.num_frames,
+            num_frames=frames,
+            fps=item.fps,
+            duration=frames / item.fps if frames and item.fps else None,
+            task=item.task,
+            frames_path=item.frames_dir,
             num_inference_steps=item.num_inference_steps,
             guidance_scale=item.guidance_scale,
             model=self.job.spec.name,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cogdist.errors import UsageError
 from cogdist.models.registry import ModelSpec
-from cogdist.sink.encode import IMAGE_FORMATS
+from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
 from cogdist.worker.worker import DTYPES
 
 
@@ -28,10 +28,10 @@ class RenderOptions:
     """Units queued per replica, so that it never waits for the driver between units."""
     max_retries: int = 2
     """Renders retried after an error before a row is recorded under failures/."""
-    format: str = "png"
-    """Image format: png, jpeg or webp."""
-    quality: int = 95
-    """JPEG/WebP quality."""
+    format: str | None = None
+    """Output format: png, jpeg or webp for images (default png); mp4 for videos."""
+    quality: int | None = None
+    """JPEG/WebP quality, or MP4 quality (1..100, mapped to H.264 CRF; default 65 = CRF 18)."""
     width: int | None = None
     """Default width for rows that name none (the model's default otherwise)."""
     height: int | None = None
@@ -39,6 +39,19 @@ class RenderOptions:
     """Default num_inference_steps for rows that name none."""
     guidance: float | None = None
     """Default guidance_scale for rows that name none."""
+    frames: int | None = None
+    """Default num_frames for rows of a video model that name none."""
+    fps: float | None = None
+    """Default frames per second of the MP4s for rows that name none (the model's otherwise)."""
+    save_frames: bool = False
+    """Video models: also write every frame as a PNG (`<output>.frames/000000.png`, ...)."""
+    vae_tiling: bool | None = None
+    """Decode latents in overlapping tiles (less memory). None: the model's default."""
+    vae_slicing: bool | None = None
+    """Decode a batch one sample at a time. None: the model's default."""
+    cpu_offload: bool | None = None
+    """Model CPU offload on GPUs (components move to the GPU only while they run). None: the model's
+    default."""
     dtype: str = "auto"
     """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
     address: str | None = None
@@ -76,9 +89,12 @@ class RenderOptions:
             )
         if self.max_retries < 0:
             raise UsageError(f"--max-retries must be >= 0, got {self.max_retries}")
-        if self.format not in IMAGE_FORMATS:
-            raise UsageError(f"--format {self.format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
-        if not 1 <= self.quality <= 100:
+        formats = VIDEO_FORMATS if spec.kind == "video" else IMAGE_FORMATS
+        if self.format is not None and self.format not in formats:
+            raise UsageError(
+                f"--format {self.format!r}: {spec.name} makes {spec.kind}s; choose {', '.join(formats)}"
+            )
+        if self.quality is not None and not 1 <= self.quality <= 100:
             raise UsageError(f"--quality must be in 1..100, got {self.quality}")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -89,3 +105,29 @@ class RenderOptions:
         problem = spec.sizes.problem(spec.width, spec.height)
         if problem:
             raise UsageError(f"--width/--height: {problem} ({spec.name} takes {spec.sizes.describe()})")
+        if spec.kind == "image":
+            for flag, value in (
+                ("--frames", self.frames),
+                ("--fps", self.fps),
+                ("--save-frames", self.save_frames),
+            ):
+                if value:
+                    raise UsageError(f"{flag}: {spec.name} makes images")
+        if self.fps is not None and not 0 < self.fps < float("inf"):
+            raise UsageError(f"--fps must be > 0, got {self.fps}")
+        if spec.frames is not None and spec.num_frames is not None:
+            problem = spec.frames.problem(spec.num_frames)
+            if problem:
+                raise UsageError(f"--frames: {problem} ({spec.name} takes {spec.frames.describe()} frames)")
+
+    def resolved(self, spec: ModelSpec) -> RenderOptions:
+        """These options with every per-model default filled in (format, quality, memory)."""
+        fmt = self.format or ("mp4" if spec.kind == "video" else "png")
+        return replace(
+            self,
+            format=fmt,
+            quality=self.quality or DEFAULT_QUALITY[fmt],
+            vae_tiling=spec.vae_tiling if self.vae_tiling is None else self.vae_tiling,
+            vae_slicing=spec.vae_slicing if self.vae_slicing is None else self.vae_slicing,
+            cpu_offload=spec.cpu_offload if self.cpu_offload is None else self.cpu_offload,
+        )

@@ -224,3 +224,25 @@ def open_location(uri: str) -> Location:
         ) from e
     root = root.rstrip("/")
     return Location(uri, f"{scheme}://{root}", fs, root)
+
+
+def input_uri(uri: str) -> str:
+    """A manifest's input URI in a form any worker can open: local paths made absolute (against
+    the driver's working directory), an S3-compatible endpoint named explicitly."""
+    return open_location(uri).worker_uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def read_uri(uri: str) -> bytes:
+    """The whole object or file at `uri`, or StorageError saying which and why (redacted)."""
+    try:
+        location = open_location(uri)
+        info = location.fs.get_file_info(location.root)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{location.public_uri} does not exist")
+        if info.type != pafs.FileType.File:
+            raise StorageError(f"{location.public_uri} is not a file")
+        return _retry(lambda: location.read_bytes(""), 3, f"read {location.public_uri}")
+    except StorageError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StorageError(f"cannot read {redact(uri)}: {e}") from e

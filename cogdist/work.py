@@ -34,11 +34,31 @@ class WorkItem:
     num_frames: int | None
     output: str
     """Where the worker writes the result, relative to OUT."""
+    task: str = "text-to-image"
+    """What the row asks of the model (cogdist.models.registry: TEXT_TO_IMAGE, ...)."""
+    image: str | None = None
+    """Conditioning image URI (local paths absolute, object-store endpoint explicit)."""
+    video: str | None = None
+    """Input or control video URI."""
+    strength: float | None = None
+    """Video-to-video: how far the input video is noised (0, 1]."""
+    fps: float | None = None
+    """Frames per second of a video output."""
+    frames_dir: str | None = None
+    """When set, the worker also writes every frame as a PNG under this folder (relative to OUT)."""
 
     @property
     def shape(self) -> tuple:
-        """Rows with equal shapes can share one pipeline call."""
-        return (self.width, self.height, self.num_frames, self.num_inference_steps, self.guidance_scale)
+        """Rows with equal shapes can share one pipeline call: same size, frames, task and schedule."""
+        return (
+            self.task,
+            self.width,
+            self.height,
+            self.num_frames,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.strength,
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,8 @@ class ItemResult:
     error: str | None = None
     bytes_written: int = 0
     render_seconds: float = 0.0
+    frames: int | None = None
+    """Frames of a video output as rendered (CogVideoX 1.5 video-to-video may differ from the input)."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def weights_digest(pipe) -> str:
 
 @pytest.fixture(scope="module")
 def pipe():
-    return cogview4.load_pipeline(PRESETS["tiny-cogview4"], CPU, torch.float32)
+    return cogview4.load_pipeline(PRESETS["tiny-cogview4"], torch.float32)
 
 
 def item(
@@ -56,7 +56,7 @@ def test_tiny_weights_are_identical_in_every_process(pipe):
     code = (
         "import torch; from cogdist.models import cogview4; from cogdist.models.registry import PRESETS;"
         "from tests.test_cogview4 import weights_digest;"
-        "print(weights_digest(cogview4.load_pipeline(PRESETS['tiny-cogview4'], torch.device('cpu'), torch.float32)))"
+        "print(weights_digest(cogview4.load_pipeline(PRESETS['tiny-cogview4'], torch.float32)))"
     )
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -119,7 +119,7 @@ def test_saved_pipeline_loads_through_from_pretrained_and_renders_the_same(pipe,
     assert spec.family == "cogview4" and not spec.tiny and spec.source == str(tiny_model_dir)
     assert (spec.width, spec.height) == (64, 64)
     assert spec.sizes.multiple == 16
-    loaded = cogview4.load_pipeline(spec, CPU, torch.float32)
+    loaded = cogview4.load_pipeline(spec, torch.float32)
     assert weights_digest(loaded) == weights_digest(pipe)
     row = item("x", "a paper crane", 5)
     np.testing.assert_array_equal(
@@ -131,4 +131,4 @@ def test_loading_refuses_pickle_checkpoints(tmp_path, pipe):
     pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     spec = resolve_model(str(tmp_path / "pickled"))
     with pytest.raises(Exception, match="safetensors"):
-        cogview4.load_pipeline(spec, CPU, torch.float32)
+        cogview4.load_pipeline(spec, torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,10 @@ def test_folder_without_model_index(tmp_path):
 
 def test_folder_of_an_unsupported_pipeline(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ModelError, match="is a StableDiffusionPipeline; cogdist runs CogView4Pipeline"):
+    with pytest.raises(
+        ModelError,
+        match="is a StableDiffusionPipeline; cogdist runs CogVideoXFunControlPipeline, .*GlmImagePipeline",
+    ):
         resolve_model(str(tmp_path))
 
 
@@ -42,3 +46,43 @@ def test_hub_id_that_cannot_be_fetched_names_the_repo(monkeypatch):
         ModelError, match="cannot fetch model_index.json of Hugging Face repo 'someone/not-cached'"
     ):
         resolve_model("someone/not-cached")
+
+
+CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints"
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in CHECKPOINTS.iterdir() if p.is_dir()))
+def test_real_checkpoint_configs_resolve_like_their_presets(folder):
+    """Configs written from each real checkpoint's documented values (see SOURCES.md): read through
+    the path an unlisted checkpoint takes, they give the preset's family, tasks and defaults."""
+    name = folder.replace("__", "/")
+    preset = PRESETS[name]
+    spec = resolve_model(str(CHECKPOINTS / folder))
+    assert (spec.family, spec.kind, spec.tasks) == (preset.family, preset.kind, preset.tasks)
+    assert (spec.width, spec.height, spec.num_frames, spec.fps) == (
+        preset.width,
+        preset.height,
+        preset.num_frames,
+        preset.fps,
+    )
+    assert spec.negative_prompt == preset.negative_prompt
+    # The preset's own limits are within what the configs allow structurally.
+    assert spec.sizes.problem(preset.width, preset.height) is None
+    if preset.frames is not None:
+        assert spec.frames.problem(preset.num_frames) is None
+        assert spec.frames.latent_multiple == preset.frames.latent_multiple
+
+
+def test_a_learned_position_checkpoint_takes_its_training_size_only():
+    spec = resolve_model(str(CHECKPOINTS / "THUDM__CogVideoX-5b-I2V"))
+    assert spec.sizes.only == ((720, 480),)
+    assert "is not a size this model takes" in spec.sizes.problem(1360, 768)
+
+
+def test_presets_of_every_family_resolve_offline():
+    for name in ("tiny-cogvideox", "tiny-cogvideox-i2v", "tiny-cogvideox-fun", "tiny-glm-image"):
+        spec = resolve_model(name)
+        assert spec.tiny and spec.family in ("cogvideox", "glm_image")
+    assert resolve_model("THUDM/CogVideoX1.5-5B").frames.problem(81) is None
+    assert "not one of 81, 161" in resolve_model("THUDM/CogVideoX1.5-5B").frames.problem(49)
+    assert resolve_model("THUDM/CogVideoX-2b").dtype_gpu == "float16"

@@ -89,6 +89,26 @@ def test_lost_units_are_requeued_without_charging_an_attempt():
     assert scheduler.finished
 
 
+def test_tasks_and_strengths_never_share_a_unit():
+    base = WorkItem("t", "p", None, 1, 64, 64, 4, 6.0, 9, "o.mp4", task="text-to-video")
+    variants = [
+        base,
+        WorkItem(
+            "v", "p", None, 2, 64, 64, 4, 6.0, 9, "o.mp4", task="video-to-video", video="/a.mp4", strength=0.8
+        ),
+        WorkItem(
+            "w", "p", None, 3, 64, 64, 4, 6.0, 9, "o.mp4", task="video-to-video", video="/a.mp4", strength=0.5
+        ),
+        WorkItem("f", "p", None, 4, 64, 64, 4, 6.0, 17, "o.mp4", task="text-to-video"),
+        WorkItem("t2", "p", None, 5, 64, 64, 4, 6.0, 9, "o.mp4", task="text-to-video"),
+    ]
+    scheduler = Scheduler(iter([(v, {"id": v.id}) for v in variants]), batch_size=8)
+    units = []
+    while (unit := scheduler.next_unit()) is not None:
+        units.append(sorted(i.id for i in unit.items))
+    assert sorted(units) == [["f"], ["t", "t2"], ["v"], ["w"]]
+
+
 def test_expected_seconds_learn_per_shape_from_finished_units():
     rows = [item(i, width=64) for i in range(3)] + [item(9, width=128)]
     scheduler = Scheduler(iter(rows), batch_size=1)

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cogdist.models.registry import ModelSpec
-from cogdist.sink.naming import output_path
+from cogdist.models.registry import DEFAULT_STRENGTH, VIDEO_TO_VIDEO, ModelSpec
+from cogdist.sink.naming import frames_folder, output_path
+from cogdist.storage import input_uri
 from cogdist.work import WorkItem, derive_seed
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """How a job fills what a row leaves empty, beyond the model's own defaults."""
+
+    extension: str
+    """Output file extension (png, jpg, webp, mp4)."""
+    save_frames: bool = False
+    """Video rows also get a folder of PNG frames."""
 
 
 def _given(row: dict, name: str, default):
@@ -16,10 +28,21 @@ def _given(row: dict, name: str, default):
     return default if value is None else value
 
 
-def work_items(batch: pa.RecordBatch, spec: ModelSpec, extension: str) -> Iterator[tuple[WorkItem, dict]]:
+def _present(row: dict, name: str) -> str | None:
+    value = row.get(name)
+    return value if value else None
+
+
+def work_items(
+    batch: pa.RecordBatch, spec: ModelSpec, defaults: RowDefaults
+) -> Iterator[tuple[WorkItem, dict]]:
     """(item, manifest row) for every row of `batch`; the row is kept for the index."""
+    video_model = spec.kind == "video"
     for row in batch.to_pylist():
         item_id = row["id"]
+        image, video = _present(row, "image"), _present(row, "video")
+        task = spec.task_for(image is not None, video is not None)
+        assert task is not None, f"row {item_id!r} was validated"
         yield (
             WorkItem(
                 id=item_id,
@@ -30,8 +53,14 @@ def work_items(batch: pa.RecordBatch, spec: ModelSpec, extension: str) -> Iterat
                 height=int(_given(row, "height", spec.height)),
                 num_inference_steps=int(_given(row, "num_inference_steps", spec.num_inference_steps)),
                 guidance_scale=float(_given(row, "guidance_scale", spec.guidance_scale)),
-                num_frames=row.get("num_frames") if spec.kind == "video" else None,
-                output=output_path(item_id, extension),
+                num_frames=int(_given(row, "num_frames", spec.num_frames)) if video_model else None,
+                output=output_path(item_id, defaults.extension),
+                task=task,
+                image=input_uri(image) if image else None,
+                video=input_uri(video) if video else None,
+                strength=float(_given(row, "strength", DEFAULT_STRENGTH)) if task == VIDEO_TO_VIDEO else None,
+                fps=float(_given(row, "fps", spec.fps)) if video_model else None,
+                frames_dir=frames_folder(item_id) if video_model and defaults.save_frames else None,
             ),
             row,
         )

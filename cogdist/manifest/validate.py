@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from cogdist.errors import ManifestError, ManifestProblem
 from cogdist.manifest.source import ManifestBatch, ManifestSource
-from cogdist.models.registry import ModelSpec
+from cogdist.models.registry import TASK_INPUT, VIDEO_TO_VIDEO, ModelSpec
 
 MAX_REPORTED = 20
 
@@ -36,18 +36,33 @@ COLUMNS: dict[str, str] = {
     "image": STRING,
     "video": STRING,
     "strength": NUMBER,
+    "fps": NUMBER,
 }
 REQUIRED = ("id", "prompt")
 CONDITIONING = ("image", "video", "strength")
 
 # Columns cogdist adds to the index; a manifest column of the same name would be ambiguous.
-RESERVED = ("uri", "path", "model", "format", "render_seconds", "finished_at", "attempts")
+RESERVED = (
+    "uri",
+    "path",
+    "model",
+    "format",
+    "render_seconds",
+    "finished_at",
+    "attempts",
+    "task",
+    "duration",
+    "frames_path",
+)
 
 _KIND_CHECK: dict[str, Callable[[pa.DataType], bool]] = {
     STRING: lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t),
     INTEGER: lambda t: pa.types.is_integer(t) or pa.types.is_null(t),
     NUMBER: lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t),
 }
+
+
+_NULL_AS = {STRING: pa.string(), INTEGER: pa.int64(), NUMBER: pa.float64()}
 
 
 @dataclass(frozen=True)
@@ -122,7 +137,12 @@ class _BatchChecker:
 
     def column(self, name: str) -> pa.Array | None:
         names = self.part.batch.schema.names
-        return self.part.batch.column(name) if name in names else None
+        if name not in names:
+            return None
+        values = self.part.batch.column(name)
+        if pa.types.is_null(values.type):  # an all-null column: give it its kind's type
+            values = pc.cast(values, _NULL_AS[COLUMNS.get(name, STRING)])
+        return values
 
     def flag(self, mask: pa.Array, column: str, reason: Callable[[int], str] | str) -> None:
         mask = pc.fill_null(mask, False)
@@ -155,6 +175,14 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
     check.flag(pc.equal(pc.utf8_length(ids), 0), "id", "id is empty")
     check.flag(pc.is_null(check.column("prompt")), "prompt", "prompt is missing")
 
+    negative = check.column("negative_prompt")
+    if negative is not None and not spec.negative_prompt:
+        check.flag(
+            pc.greater(pc.utf8_length(negative), 0),
+            "negative_prompt",
+            f"{spec.name} takes no negative prompt (its pipeline has none); leave the column empty",
+        )
+
     seed = check.column("seed")
     if seed is not None:
         check.flag(pc.less(seed, 0), "seed", "seed must be >= 0")
@@ -167,16 +195,25 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
         w_np = w.to_numpy(zero_copy_only=False).astype(np.int64)
         h_np = h.to_numpy(zero_copy_only=False).astype(np.int64)
         rule = spec.sizes
-        bad_w = (w_np % rule.multiple != 0) | (w_np < rule.min_side) | (w_np > rule.max_side)
-        bad_h = (h_np % rule.multiple != 0) | (h_np < rule.min_side) | (h_np > rule.max_side)
-        if rule.max_area is not None:
-            bad_h |= ~bad_w & (w_np * h_np > rule.max_area)
+        if rule.only:
+            allowed = np.zeros(n, dtype=bool)
+            for ow, oh in rule.only:
+                allowed |= (w_np == ow) & (h_np == oh)
+            bad_w, bad_h = ~allowed & (width is not None), ~allowed & (width is None)
+        else:
+            bad_w = (w_np % rule.multiple != 0) | (w_np < rule.min_side) | (w_np > rule.max_side)
+            bad_h = (h_np % rule.multiple != 0) | (h_np < rule.min_side) | (h_np > rule.max_side)
+            bad_h &= ~bad_w
+            if rule.max_area is not None:
+                bad_h |= ~bad_w & (w_np * h_np > rule.max_area)
+            if rule.short_side is not None:
+                bad_h |= ~bad_w & (np.minimum(w_np, h_np) != rule.short_side)
 
         def reason(i: int) -> str:
             return f"{rule.problem(int(w_np[i]), int(h_np[i]))} ({spec.name} takes {rule.describe()})"
 
         check.flag(pa.array(bad_w), "width", reason)
-        check.flag(pa.array(bad_h & ~bad_w), "height", reason)
+        check.flag(pa.array(bad_h), "height", reason)
 
     steps = check.column("num_inference_steps")
     if steps is not None:
@@ -186,26 +223,113 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
     if guidance is not None and pa.types.is_floating(guidance.type):
         check.flag(pc.invert(pc.is_finite(guidance)), "guidance_scale", "must be a finite number")
 
-    frames = check.column("num_frames")
-    if frames is not None:
-        if spec.kind == "image":
-            check.flag(
-                pc.is_valid(frames), "num_frames", f"{spec.name} makes images; num_frames is for video models"
-            )
-        else:
-            check.flag(pc.less_equal(frames, 0), "num_frames", "must be a positive integer")
-
     for name in CONDITIONING:
         values = check.column(name)
-        if values is None:
-            continue
-        if name not in spec.conditioning:
-            check.flag(pc.is_valid(values), name, f"{spec.name} takes no {name!r} input")
-        elif name == "strength":
-            finite = pc.is_finite(pc.cast(values, pa.float64()))
-            in_range = pc.and_(pc.greater(values, 0), pc.less_equal(values, 1))
-            check.flag(pc.invert(pc.and_(finite, in_range)), name, "must be in (0, 1]")
+        if values is not None and name not in spec.conditioning:
+            check.flag(
+                pc.is_valid(values), name, f"{spec.name} takes no {name!r} input ({spec.describe_tasks()})"
+            )
+    if spec.conditioning:
+        _check_tasks(check, spec)
+
+    fps = check.column("fps")
+    if fps is not None:
+        if spec.kind == "image":
+            check.flag(pc.is_valid(fps), "fps", f"{spec.name} makes images; fps is for video models")
+        else:
+            as_float = pc.cast(fps, pa.float64())
+            check.flag(
+                pc.invert(pc.and_(pc.is_finite(as_float), pc.greater(as_float, 0))), "fps", "must be > 0"
+            )
+
+    frames = check.column("num_frames")
+    if frames is not None and spec.kind == "image":
+        check.flag(
+            pc.is_valid(frames), "num_frames", f"{spec.name} makes images; num_frames is for video models"
+        )
+    elif spec.frames is not None and (frames is not None or spec.num_frames is not None):
+        _check_frames(check, spec, frames)
     return check.count, check.problems
+
+
+def _nonempty(values: pa.Array | None, n: int) -> np.ndarray:
+    if values is None:
+        return np.zeros(n, dtype=bool)
+    present = pc.and_(pc.is_valid(values), pc.greater(pc.utf8_length(pc.fill_null(values, "")), 0))
+    return present.to_numpy(zero_copy_only=False)
+
+
+def _check_tasks(check: _BatchChecker, spec: ModelSpec) -> None:
+    """Every row must map to a task of the model; inputs must not be empty strings."""
+    n = check.part.batch.num_rows
+    for name in ("image", "video"):
+        values = check.column(name)
+        if values is not None and name in spec.conditioning:
+            check.flag(
+                pc.equal(pc.utf8_length(values), 0), name, "is empty; leave it null for rows without one"
+            )
+    # A column the model cannot use was flagged already; judge the rows by the columns it can.
+    has_image = _nonempty(check.column("image") if "image" in spec.conditioning else None, n)
+    has_video = _nonempty(check.column("video") if "video" in spec.conditioning else None, n)
+    for image in (False, True):
+        for video in (False, True):
+            if spec.task_for(image, video) is not None:
+                continue
+            mask = (has_image == image) & (has_video == video)
+            if not mask.any():
+                continue
+            needed = [c for t in spec.tasks if (c := TASK_INPUT[t])]
+            if image and video:
+                column, reason = "video", "a row takes an image or a video, not both"
+            elif image or video:
+                column = "image" if image else "video"
+                reason = f"{spec.name} takes no {column!r} input ({spec.describe_tasks()})"
+            else:
+                column = needed[0] if check.column(needed[0]) is not None else "prompt"
+                wanted = " or ".join(repr(c) for c in needed)
+                reason = f"{spec.name} needs {wanted} on every row ({spec.describe_tasks()})"
+            check.flag(pa.array(mask), column, reason)
+    strength = check.column("strength")
+    if strength is not None:
+        finite = pc.is_finite(pc.cast(strength, pa.float64()))
+        in_range = pc.and_(pc.greater(strength, 0), pc.less_equal(strength, 1))
+        check.flag(pc.invert(pc.and_(finite, in_range)), "strength", "must be in (0, 1]")
+        if VIDEO_TO_VIDEO in spec.tasks:
+            without_video = pc.and_(pc.is_valid(strength), pa.array(~has_video))
+            check.flag(
+                without_video, "strength", "applies to video-to-video rows only (this row has no 'video')"
+            )
+
+
+def _check_frames(check: _BatchChecker, spec: ModelSpec, frames: pa.Array | None) -> None:
+    rule = spec.frames
+    assert rule is not None
+    n = check.part.batch.num_rows
+    default = spec.num_frames or 1
+    counts = (
+        pc.fill_null(frames, default).to_numpy(zero_copy_only=False).astype(np.int64)
+        if frames is not None
+        else np.full(n, default, dtype=np.int64)
+    )
+    video_input = _nonempty(check.column("video"), n)
+    problems = {}
+    for count in np.unique(counts):  # one check per distinct count and input kind
+        for with_video in (False, True):
+            problem = rule.problem(int(count), with_video)
+            if problem:
+                problems[(int(count), with_video)] = problem
+    if not problems:
+        return
+    bad = np.zeros(n, dtype=bool)
+    for count, with_video in problems:
+        bad |= (counts == count) & (video_input == with_video)
+
+    def reason(i: int) -> str:
+        return (
+            f"{problems[(int(counts[i]), bool(video_input[i]))]} ({spec.name} takes {rule.describe()} frames)"
+        )
+
+    check.flag(pa.array(bad), "num_frames", reason)
 
 
 def _duplicates(

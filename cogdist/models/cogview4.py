@@ -22,27 +22,12 @@ from diffusers import (
     CogView4Transformer2DModel,
     FlowMatchEulerDiscreteScheduler,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import GlmConfig, GlmModel, PreTrainedTokenizerFast
+from transformers import GlmConfig, GlmModel
 
+from cogdist.models.loading import from_pretrained
 from cogdist.models.registry import ModelSpec
+from cogdist.models.tiny import tiny_tokenizer
 from cogdist.work import WorkItem
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer over a fixed 259-token vocabulary: any text, no download.
-
-    The post-processor prepends <bos>, so even an empty negative prompt has one token.
-    """
-    specials = ["<pad>", "<unk>", "<bos>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>"
-    )
 
 
 def build_tiny(seed: int = 0) -> CogView4Pipeline:
@@ -103,22 +88,24 @@ def build_tiny(seed: int = 0) -> CogView4Pipeline:
     )
 
 
-def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> CogView4Pipeline:
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> CogView4Pipeline:
+    """The pipeline on the CPU; the worker places it (device, offload, VAE tiling)."""
     if spec.tiny:
         pipe = build_tiny(spec.seed)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
-    else:
-        # safetensors only: a pickle checkpoint can run code when it is loaded.
-        pipe = CogView4Pipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        return pipe
+    return from_pretrained(CogView4Pipeline, spec.source, dtype)
 
 
 @torch.no_grad()
-def render(pipe: CogView4Pipeline, items: Sequence[WorkItem], device: torch.device) -> list[np.ndarray]:
-    """Images (uint8, height x width x 3) for `items`, which share one shape, in their order."""
+def render(
+    pipe: CogView4Pipeline, items: Sequence[WorkItem], device: torch.device, inputs: Sequence | None = None
+) -> list[np.ndarray]:
+    """Images (uint8, height x width x 3) for `items`, which share one shape, in their order.
+
+    CogView4 is text-to-image only: `inputs` (decoded conditioning inputs) are never used.
+    """
     first = items[0]
     guidance = first.guidance_scale
     cfg = guidance > 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogdist.manifest.rows import work_items
+from cogdist.manifest.rows import RowDefaults, work_items
 from cogdist.manifest.source import ManifestSource
 from cogdist.models.registry import ModelSpec
 from cogdist.work import WorkItem
@@ -60,7 +60,7 @@ def scan_pending(source: ManifestSource, done: pa.Array, failed: pa.Array) -> Pe
 
 
 def pending_rows(
-    source: ManifestSource, pending: PendingSet, spec: ModelSpec, extension: str
+    source: ManifestSource, pending: PendingSet, spec: ModelSpec, defaults: RowDefaults
 ) -> Iterator[tuple[WorkItem, dict]]:
     """(WorkItem, manifest row) for every row to render, in manifest order."""
     offset = 0
@@ -69,4 +69,4 @@ def pending_rows(
         keep = pending.render.slice(offset, n).combine_chunks()
         offset += n
         if pc.any(keep).as_py():
-            yield from work_items(part.batch.filter(keep), spec, extension)
+            yield from work_items(part.batch.filter(keep), spec, defaults)

@@ -1,18 +1,22 @@
-"""Encoding rendered images to bytes, whole, before anything is written."""
+"""Encoding rendered images and videos to bytes, whole, before anything is written."""
 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 
 import numpy as np
 from PIL import Image
 
 # --format value -> (file extension, Pillow format name)
 IMAGE_FORMATS = {"png": ("png", "PNG"), "jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
+VIDEO_FORMATS = {"mp4": ("mp4", "libx264")}
+DEFAULT_QUALITY = {"png": 95, "jpeg": 95, "webp": 95, "mp4": 65}  # mp4: 65 -> CRF 18
 
 
 def extension(fmt: str) -> str:
-    return IMAGE_FORMATS[fmt][0]
+    return {**IMAGE_FORMATS, **VIDEO_FORMATS}[fmt][0]
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -21,3 +25,40 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
     Image.fromarray(pixels).save(buffer, format=IMAGE_FORMATS[fmt][1], **options)
     return buffer.getvalue()
+
+
+def crf(quality: int) -> int:
+    """--quality 1..100 as an H.264 constant rate factor (51 worst .. 0 lossless)."""
+    return round(51 * (1 - quality / 100))
+
+
+def encode_video(frames: np.ndarray, fps: float, quality: int = DEFAULT_QUALITY["mp4"]) -> bytes:
+    """`frames`: uint8 array (frames, height, width, 3) -> MP4 bytes (H.264, yuv420p).
+
+    ffmpeg must seek back to write the MP4 index, so it writes a temporary file; its bytes are
+    returned whole, so the caller uploads a complete video or nothing.
+    """
+    import imageio_ffmpeg
+
+    count, height, width, _ = frames.shape
+    if width % 2 or height % 2:
+        raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
+    with tempfile.TemporaryDirectory(prefix="cogdist-video-") as folder:
+        path = os.path.join(folder, "video.mp4")
+        writer = imageio_ffmpeg.write_frames(
+            path,
+            (width, height),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=None,  # the CRF below instead of imageio's scale
+            macro_block_size=1,  # sizes are validated multiples of 16; never rescale
+            output_params=["-crf", str(crf(quality)), "-movflags", "+faststart"],
+            ffmpeg_log_level="error",
+        )
+        writer.send(None)  # start ffmpeg
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        with open(path, "rb") as f:
+            return f.read()

@@ -29,6 +29,11 @@ class JobSettings:
     dtype: str
     columns: tuple[str, ...]
     """The manifest's columns, which shape the index."""
+    num_frames: int | None = None
+    fps: float | None = None
+    vae_tiling: bool = False
+    """Tiled decoding blends tiles, which changes pixels slightly."""
+    save_frames: bool = False
 
 
 _FLAGS = {
@@ -41,6 +46,10 @@ _FLAGS = {
     "quality": "--quality",
     "dtype": "--dtype",
     "columns": "the manifest's columns",
+    "num_frames": "--frames",
+    "fps": "--fps",
+    "vae_tiling": "--vae-tiling",
+    "save_frames": "--save-frames",
 }
 
 
@@ -51,10 +60,11 @@ def check_resume(out: Location, settings: JobSettings) -> bool:
     recorded = json.loads(out.read_bytes(JOB_RECORD))["settings"]
     ours = asdict(settings)
     ours["columns"] = list(settings.columns)
+    # A setting an older record lacks was off (or did not apply) then.
     differences = [
         f"  {_FLAGS[name]}: {recorded.get(name)!r} in OUT, {value!r} now"
         for name, value in ours.items()
-        if recorded.get(name) != value
+        if recorded.get(name) != value and (name in recorded or value)
     ]
     if differences:
         raise ResumeConflictError(

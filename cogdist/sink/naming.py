@@ -27,3 +27,8 @@ def slug(item_id: str) -> str:
 def output_path(item_id: str, extension: str) -> str:
     digest = hashlib.sha256(item_id.encode("utf-8")).hexdigest()
     return f"{OUTPUTS}/{digest[:2]}/{slug(item_id)}_{digest[:20]}.{extension}"
+
+
+def frames_folder(item_id: str) -> str:
+    """Where --save-frames puts a video's PNG frames: beside the video, named like it."""
+    return output_path(item_id, "frames")

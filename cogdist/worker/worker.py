@@ -1,7 +1,8 @@
 """The worker: one per GPU (or CPU slot). Loads the pipeline once, renders units, writes outputs.
 
 It makes no scheduling decisions: every setting of a row arrives resolved in its WorkItem, the
-output name included. It returns only small metadata; the driver alone commits the index.
+output name included. It returns only small metadata; the driver alone commits the index. A row
+whose conditioning input cannot be read fails alone; the rest of its unit renders.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from cogdist.errors import StorageError
 from cogdist.models.registry import ModelSpec
-from cogdist.sink.encode import encode_image
+from cogdist.sink.encode import encode_image, encode_video
 from cogdist.storage import open_location
-from cogdist.work import ItemResult, UnitResult, WorkUnit
+from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
+from cogdist.worker.inputs import InputError, load_inputs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -27,6 +31,10 @@ class WorkerSettings:
     """"auto": the model's GPU dtype on a GPU, its CPU dtype otherwise."""
     threads: int | None = None
     """torch intra-op threads on CPU; None leaves torch's default."""
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: bool = False
+    """Model CPU offload (GPU only: on a CPU there is nothing to offload to)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class RenderWorker:
         if name == "auto":
             name = self.spec.dtype_gpu if self.device.type == "cuda" else self.spec.dtype_cpu
         self.family = family_module(self.spec.family)
-        self.pipe = self.family.load_pipeline(self.spec, self.device, getattr(torch, name))
+        pipe = self.family.load_pipeline(self.spec, getattr(torch, name))
+        self.pipe = place(pipe, self.device, self.settings)
         self.out = open_location(self.out_uri)
         return WorkerInfo(
             rank=self.rank,
@@ -84,15 +93,51 @@ class RenderWorker:
 
     def render(self, unit: WorkUnit) -> UnitResult:
         start = time.perf_counter()
-        images = self.family.render(self.pipe, unit.items, self.device)
-        per_item = (time.perf_counter() - start) / len(unit.items)
-        results = []
-        for item, pixels in zip(unit.items, images):
-            data = encode_image(pixels, self.settings.format, self.settings.quality)
+        results: dict[str, ItemResult] = {}
+        ready, inputs = [], []
+        prepare = getattr(self.family, "prepare_inputs", None)  # a family's own input checks
+        for item in unit.items:
             try:
-                self.out.write_bytes(item.output, data)
-            except StorageError as e:
-                results.append(ItemResult(item.id, ok=False, error=str(e)))
-                continue
-            results.append(ItemResult(item.id, ok=True, bytes_written=len(data), render_seconds=per_item))
-        return UnitResult(unit.unit_id, tuple(results), time.perf_counter() - start)
+                loaded = load_inputs(item)
+                inputs.append(prepare(item, loaded) if prepare else loaded)
+                ready.append(item)
+            except InputError as e:
+                results[item.id] = ItemResult(item.id, ok=False, error=str(e))
+        if ready:
+            outputs = self.family.render(self.pipe, ready, self.device, inputs)
+            per_item = (time.perf_counter() - start) / len(ready)
+            for item, pixels in zip(ready, outputs):
+                results[item.id] = self._write(item, pixels, per_item)
+        return UnitResult(unit.unit_id, tuple(results[i.id] for i in unit.items), time.perf_counter() - start)
+
+    def _write(self, item: WorkItem, pixels: np.ndarray, seconds: float) -> ItemResult:
+        """Encode a whole output in memory, then store it (frames first, the indexed file last)."""
+        try:
+            if pixels.ndim == 4:
+                if item.frames_dir:
+                    for number, frame in enumerate(pixels):
+                        self.out.write_bytes(
+                            f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png")
+                        )
+                data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
+            else:
+                data = encode_image(pixels, self.settings.format, self.settings.quality)
+            self.out.write_bytes(item.output, data)
+        except StorageError as e:
+            return ItemResult(item.id, ok=False, error=str(e))
+        frames = pixels.shape[0] if pixels.ndim == 4 else None
+        return ItemResult(item.id, ok=True, bytes_written=len(data), render_seconds=seconds, frames=frames)
+
+
+def place(pipe, device, settings: WorkerSettings):
+    """Put a pipeline on its device with the memory options a user of diffusers expects."""
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+    if settings.cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
