@@ -186,7 +186,11 @@ def render(
 def _for_task(pipe: DiffusionPipeline, task: str) -> DiffusionPipeline:
     """The stock pipeline of `task` over the loaded components (no copies of the weights)."""
     wanted = PIPELINES[task]
-    return pipe if type(pipe) is wanted else wanted(**pipe.components)
+    if type(pipe) is wanted:
+        return pipe
+    task_pipe = wanted(**pipe.components)
+    task_pipe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return task_pipe
 
 
 def _calls(pipe: DiffusionPipeline, items: Sequence[WorkItem]) -> list[list[int]]:
