@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -105,12 +105,14 @@ class RenderWorker:
                 results[item.id] = ItemResult(item.id, ok=False, error=str(e))
         if ready:
             outputs = self.family.render(self.pipe, ready, self.device, inputs)
+            written = [self._write(item, pixels) for item, pixels in zip(ready, outputs)]
+            # A row's render time: its share of the unit, inputs, rendering, encoding and upload included.
             per_item = (time.perf_counter() - start) / len(ready)
-            for item, pixels in zip(ready, outputs):
-                results[item.id] = self._write(item, pixels, per_item)
+            for result in written:
+                results[result.id] = replace(result, render_seconds=per_item) if result.ok else result
         return UnitResult(unit.unit_id, tuple(results[i.id] for i in unit.items), time.perf_counter() - start)
 
-    def _write(self, item: WorkItem, pixels: np.ndarray, seconds: float) -> ItemResult:
+    def _write(self, item: WorkItem, pixels: np.ndarray) -> ItemResult:
         """Encode a whole output in memory, then store it (frames first, the indexed file last)."""
         try:
             if pixels.ndim == 4:
@@ -126,7 +128,7 @@ class RenderWorker:
         except StorageError as e:
             return ItemResult(item.id, ok=False, error=str(e))
         frames = pixels.shape[0] if pixels.ndim == 4 else None
-        return ItemResult(item.id, ok=True, bytes_written=len(data), render_seconds=seconds, frames=frames)
+        return ItemResult(item.id, ok=True, bytes_written=len(data), frames=frames)
 
 
 def place(pipe, device, settings: WorkerSettings):
