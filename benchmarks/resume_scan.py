@@ -42,6 +42,7 @@ def peak_rss_mb():
 import pyarrow as pa
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.models.registry import PRESETS
+from cogdist.manifest.rows import RowDefaults
 from cogdist.scheduler.pending import pending_rows, scan_pending
 from cogdist.sink.ledger import INDEX, read_ids
 from cogdist.storage import open_location
@@ -54,7 +55,7 @@ validate_manifest(source, PRESETS["tiny-cogview4"])
 validated = time.perf_counter()
 pending = scan_pending(source, done, pa.array([], pa.string()))
 scanned = time.perf_counter()
-streamed = sum(1 for _ in pending_rows(source, pending, PRESETS["tiny-cogview4"], "png"))
+streamed = sum(1 for _ in pending_rows(source, pending, PRESETS["tiny-cogview4"], RowDefaults("png")))
 end = time.perf_counter()
 print(json.dumps({
     "import_seconds": round(imported - start, 3),
@@ -95,6 +96,10 @@ def write_inputs(folder: Path, rows: int, done: int, part_rows: int) -> None:
                 "width": pa.array(np.full(n, 64)),
                 "height": pa.array(np.full(n, 64)),
                 "num_frames": pa.nulls(n, pa.int64()),
+                "fps": pa.nulls(n, pa.float64()),
+                "duration": pa.nulls(n, pa.float64()),
+                "task": pa.array(["text-to-image"] * n),
+                "frames_path": pa.nulls(n, pa.string()),
                 "num_inference_steps": pa.array(np.full(n, 4)),
                 "guidance_scale": pa.array(np.full(n, 5.0)),
                 "model": pa.array(["tiny-cogview4"] * n),
