@@ -65,14 +65,16 @@ def real_size_pipeline(name: str, device: torch.device, dtype: torch.dtype):
     """The real transformer, VAE and scheduler from the checkpoint's configs, random weights, and a
     one-layer text encoder of the real output width (it runs once per row, outside the steps)."""
     import diffusers
-    from transformers import T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer, GlmConfig, GlmModel, T5Config, T5EncoderModel
+
+    from cogdist.models.tiny import tiny_tokenizer
+    from cogdist.worker.worker import WorkerSettings, place
 
     family, folder = MODELS[name][0], CHECKPOINTS / MODELS[name][1]
     index = json.loads((folder / "model_index.json").read_text())
 
     def component(sub: str):
-        library, class_name = index[sub]
-        cls = getattr(diffusers, class_name)
+        cls = getattr(diffusers, index[sub][1])
         config_file = "scheduler_config.json" if sub == "scheduler" else "config.json"
         config = json.loads((folder / sub / config_file).read_text())
         if sub == "scheduler":
@@ -80,31 +82,11 @@ def real_size_pipeline(name: str, device: torch.device, dtype: torch.dtype):
         with torch.device(device):  # build on the GPU: a 6 B model initialises in seconds
             return cls.from_config(config).to(dtype).eval()
 
-    transformer, vae, scheduler = component("transformer"), component("vae"), component("scheduler")
-    width = transformer.config.text_embed_dim
+    components = {sub: component(sub) for sub in ("transformer", "vae", "scheduler")}
+    width = components["transformer"].config.text_embed_dim
+    tokenizer = ByT5Tokenizer() if family == "glm_image" else tiny_tokenizer()
     with torch.device(device):
-        if family == "cogvideox":
-            from cogdist.models.tiny import tiny_tokenizer
-
-            tokenizer = tiny_tokenizer()
-            text_encoder = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(tokenizer), d_model=width, d_kv=64, d_ff=256, num_layers=1, num_heads=4
-                )
-            )
-            pipe = diffusers.CogVideoXPipeline(
-                tokenizer=tokenizer,
-                text_encoder=text_encoder,
-                vae=vae,
-                transformer=transformer,
-                scheduler=scheduler,
-            )
-        elif family == "cogview4":
-            from transformers import GlmConfig, GlmModel
-
-            from cogdist.models.tiny import tiny_tokenizer
-
-            tokenizer = tiny_tokenizer()
+        if family == "cogview4":
             text_encoder = GlmModel(
                 GlmConfig(
                     vocab_size=len(tokenizer),
@@ -117,37 +99,19 @@ def real_size_pipeline(name: str, device: torch.device, dtype: torch.dtype):
                     pad_token_id=0,
                 )
             )
-            pipe = diffusers.CogView4Pipeline(
-                tokenizer=tokenizer,
-                text_encoder=text_encoder,
-                vae=vae,
-                transformer=transformer,
-                scheduler=scheduler,
-            )
-        else:  # GLM-Image: the decoder alone, from prior tokens (the 9 B AR stage is not timed here)
-            from transformers import ByT5Tokenizer
-
-            tokenizer = ByT5Tokenizer()
+        else:
             text_encoder = T5EncoderModel(
                 T5Config(
                     vocab_size=len(tokenizer), d_model=width, d_kv=64, d_ff=256, num_layers=1, num_heads=4
                 )
             )
-            pipe = diffusers.GlmImagePipeline(
-                tokenizer=tokenizer,
-                processor=None,
-                text_encoder=text_encoder,
-                vision_language_encoder=None,
-                vae=vae,
-                transformer=transformer,
-                scheduler=scheduler,
-            )
-    pipe.text_encoder.to(dtype).eval()
-    if family == "cogvideox":
-        pipe.vae.enable_tiling()
-        pipe.vae.enable_slicing()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    if family == "glm_image":  # the decoder alone, from prior tokens: the 9 B AR stage is not timed
+        components.update(processor=None, vision_language_encoder=None)
+    pipe = getattr(diffusers, index["_class_name"])(
+        tokenizer=tokenizer, text_encoder=text_encoder.to(dtype).eval(), **components
+    )
+    spec = PRESETS[folder.name.replace("__", "/")]
+    return place(pipe, device, WorkerSettings(vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing))
 
 
 def tiny_pipeline(name: str, device: torch.device, dtype: torch.dtype):

@@ -174,7 +174,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     if counts.pending == 0:
         return summary()
 
-    defaults = RowDefaults(extension=extension(job.options.format), save_frames=options.save_frames)
+    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
     rows = pending_rows(job.source, counts, job.spec, defaults)
     scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
     embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.sp)

@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -155,3 +157,55 @@ def reap_session(sid: int) -> None:
     for process in session_processes(sid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
+
+
+def read_table(out: str, folder: str = "index"):
+    """(table, location) of the Parquet parts under OUT/folder, as any reader of OUT sees them."""
+    from cogdist.storage import open_location
+
+    location = open_location(out)
+    return ds.dataset(location.path(folder), filesystem=location.fs).to_table(), location
+
+
+def committed_rows(out: str) -> int:
+    try:
+        return read_table(out)[0].num_rows
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+
+
+def probe_mp4(path) -> tuple[dict, np.ndarray]:
+    """Decode an MP4 file with ffmpeg: its metadata and every frame (frames, height, width, 3)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = np.stack([np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader])
+    return meta, frames
+
+
+def kill_after_first_commit(command: list[str], out: str) -> int:
+    """Start a render driver in a session of its own, SIGKILL it once OUT's index has rows, and
+    check that nothing of it outlives it (the reaper ends Ray's lingering agents too).
+    Returns the rows committed before the kill."""
+    driver = subprocess.Popen(
+        command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    sid = os.getsid(driver.pid)
+    try:
+        deadline = time.monotonic() + 180
+        while committed_rows(out) == 0 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        committed = committed_rows(out)
+        assert driver.poll() is None, "the render finished before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while session_processes(sid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = [(p.pid, p.name()) for p in session_processes(sid)]
+        assert leftovers == [], f"processes left behind by the killed driver: {leftovers}"
+    finally:
+        reap_session(sid)
+    return committed

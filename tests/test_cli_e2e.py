@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cogdist.storage import open_location
-from tests.conftest import DEMO, ROOT, cli, reap_session, session_processes, write_manifest
+from tests.conftest import DEMO, ROOT, cli, kill_after_first_commit, read_table, write_manifest
 
 pytestmark = pytest.mark.e2e
-
-
-def read_index(out: str):
-    location = open_location(out)
-    return ds.dataset(location.path("index"), filesystem=location.fs).to_table(), location
 
 
 def decode(location, path: str) -> np.ndarray:
@@ -39,7 +30,7 @@ def test_demo_render_then_rerun_renders_nothing(tmp_path):
     assert "24 rendered, 0 already done, 0 failed of 24 rows" in first.stdout
     assert "render: 100%" in first.stderr and "item/s" in first.stderr  # the progress bar
 
-    table, location = read_index(str(out))
+    table, location = read_table(str(out))
     assert table.num_rows == 24 and len(set(table["id"].to_pylist())) == 24
     assert {"uri", "seed", "width", "height", "model", "render_seconds", "category"} <= set(
         table.column_names
@@ -56,7 +47,7 @@ def test_demo_render_then_rerun_renders_nothing(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "0 rendered, 24 already done" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in (out / "outputs").rglob("*.png")} == mtimes
-    assert read_index(str(out))[0].num_rows == 24
+    assert read_table(str(out))[0].num_rows == 24
 
     status = cli("status", str(out), "--manifest", str(DEMO))
     assert status.returncode == 0 and "done     24" in status.stdout and "pending  0" in status.stdout
@@ -80,13 +71,6 @@ def kill_manifest(tmp_path: Path, n: int = 60) -> Path:
     return write_manifest(tmp_path / "kill.parquet", rows)
 
 
-def committed_rows(out: str) -> int:
-    try:
-        return read_index(out)[0].num_rows
-    except (FileNotFoundError, OSError, ValueError):
-        return 0
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, request):
     if where == "s3":
@@ -107,30 +91,10 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
         out,
         "--no-progress",
     ]
-    driver = subprocess.Popen(
-        command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    sid = os.getsid(driver.pid)
-    try:
-        deadline = time.monotonic() + 180
-        while committed_rows(out) == 0 and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        committed = committed_rows(out)
-        assert driver.poll() is None, "the render finished before it could be killed"
-        assert 0 < committed < 60
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=10)
+    committed = kill_after_first_commit(command, out)
+    assert 0 < committed < 60
 
-        # Nothing of the killed job may outlive it: the reaper ends Ray's lingering agents too.
-        deadline = time.monotonic() + 30
-        while session_processes(sid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = [(p.pid, p.name()) for p in session_processes(sid)]
-        assert leftovers == [], f"processes left behind by the killed driver: {leftovers}"
-    finally:
-        reap_session(sid)
-
-    after_kill, _ = read_index(out)
+    after_kill, _ = read_table(out)
     assert after_kill.num_rows >= committed
     assert len(set(after_kill["id"].to_pylist())) == after_kill.num_rows  # exactly once, even now
 
@@ -138,7 +102,7 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
     assert resumed.returncode == 0, resumed.stderr
     assert f"{after_kill.num_rows} already done" in resumed.stdout
 
-    table, location = read_index(out)
+    table, location = read_table(out)
     ids = table["id"].to_pylist()
     assert sorted(ids) == [f"kill/{i:03d}" for i in range(60)]  # every id, once
     for row in table.to_pylist():
@@ -181,7 +145,7 @@ def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(t
             "render", str(manifest), "--model", "tiny-cogview4", "--out", str(out), "--no-progress", *flags
         )
         assert result.returncode == 0, result.stderr
-        table, location = read_index(str(out))
+        table, location = read_table(str(out))
         row = table.filter(ds.field("id") == "target").to_pylist()[0]
         assert row["seed"] == 42
         images[name] = decode(location, row["path"]).astype(int)

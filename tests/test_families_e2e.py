@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
 from cogdist.sink.encode import encode_video
-from cogdist.storage import open_location
-from tests.conftest import ROOT, cli, reap_session, session_processes, write_manifest
+from tests.conftest import ROOT, cli, kill_after_first_commit, probe_mp4, read_table, write_manifest
 
 pytestmark = pytest.mark.e2e
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -49,28 +45,19 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def read_table(out: str, folder: str = "index"):
-    location = open_location(out)
-    return ds.dataset(location.path(folder), filesystem=location.fs).to_table(), location
-
-
-def probe(data: bytes) -> tuple[dict, np.ndarray]:
-    """Decode an MP4 (bytes) with ffmpeg: its metadata and every frame."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"probe-{os.getpid()}-{time.monotonic_ns()}.mp4"
-    path.write_bytes(data)
+def probe(location, path: str) -> tuple[dict, np.ndarray]:
+    """Decode the MP4 at `path` under `location` (local or S3) with ffmpeg."""
+    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"probe-{os.getpid()}-{time.monotonic_ns()}.mp4"
+    local.write_bytes(location.read_bytes(path))
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-        width, height = meta["size"]
-        frames = np.stack([np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader])
+        return probe_mp4(local)
     finally:
-        path.unlink()
-    return meta, frames
+        local.unlink()
 
 
 def check_video_row(location, row: dict) -> np.ndarray:
     """The row's MP4 decodes to its frames, size and fps; its PNG frames match. Returns the PNGs."""
-    meta, frames = probe(location.read_bytes(row["path"]))
+    meta, frames = probe(location, row["path"])
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p"), meta
     assert frames.shape == (row["num_frames"], row["height"], row["width"], 3), row["id"]
     assert meta["fps"] == pytest.approx(row["fps"], abs=0.01)
@@ -222,13 +209,6 @@ def test_cogvideox_15_traits_fps_16_and_video_to_video_frames(tmp_path, inputs):
         check_video_row(location, row)
 
 
-def committed(out: str) -> int:
-    try:
-        return read_table(out)[0].num_rows
-    except (FileNotFoundError, OSError, ValueError):
-        return 0
-
-
 def test_control_video_job_killed_mid_run_resumes_with_every_id_once(tmp_path, inputs):
     n = 24
     rows = [
@@ -239,25 +219,7 @@ def test_control_video_job_killed_mid_run_resumes_with_every_id_once(tmp_path, i
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "cogdist", "render", str(manifest), "--model", "tiny-cogvideox-fun"]
     command += ["--out", out, "--no-progress", "--replicas", "1"]
-    driver = subprocess.Popen(
-        command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    sid = os.getsid(driver.pid)
-    try:
-        deadline = time.monotonic() + 180
-        while committed(out) == 0 and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        assert driver.poll() is None, "the render finished before it could be killed"
-        before = committed(out)
-        assert 0 < before < n
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while session_processes(sid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert [p.name() for p in session_processes(sid)] == []
-    finally:
-        reap_session(sid)
+    assert 0 < kill_after_first_commit(command, out) < n
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +12,7 @@ from cogdist.sink.encode import crf, encode_video
 from cogdist.storage import input_uri
 from cogdist.work import WorkItem
 from cogdist.worker.inputs import InputError, load_image, load_inputs, load_video
+from tests.conftest import probe_mp4
 
 
 def gradient_video(frames: int, width: int, height: int) -> np.ndarray:
@@ -24,19 +24,11 @@ def gradient_video(frames: int, width: int, height: int) -> np.ndarray:
     )
 
 
-def probe(path) -> tuple[dict, list[np.ndarray]]:
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    width, height = meta["size"]
-    frames = [np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader]
-    return meta, frames
-
-
 def test_encoded_mp4_is_h264_yuv420p_with_every_frame_at_the_fps(tmp_path):
     video = gradient_video(9, 96, 64)
     path = tmp_path / "v.mp4"
     path.write_bytes(encode_video(video, fps=8.0))
-    meta, frames = probe(path)
+    meta, frames = probe_mp4(path)
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
     assert meta["fps"] == 8.0 and meta["size"] == (96, 64)
     assert len(frames) == 9

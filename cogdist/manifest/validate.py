@@ -170,6 +170,7 @@ class _BatchChecker:
 
 def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int, list[ManifestProblem]]:
     check = _BatchChecker(part, limit)
+    n = part.batch.num_rows
     ids = check.ids
     check.flag(pc.is_null(ids), "id", "id is missing")
     check.flag(pc.equal(pc.utf8_length(ids), 0), "id", "id is empty")
@@ -189,7 +190,6 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
 
     width, height = check.column("width"), check.column("height")
     if width is not None or height is not None:
-        n = part.batch.num_rows
         w = pc.fill_null(width, spec.width) if width is not None else pa.array(np.full(n, spec.width))
         h = pc.fill_null(height, spec.height) if height is not None else pa.array(np.full(n, spec.height))
         w_np = w.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -229,8 +229,11 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
             check.flag(
                 pc.is_valid(values), name, f"{spec.name} takes no {name!r} input ({spec.describe_tasks()})"
             )
+    # Rows' inputs, judged by the columns the model can use (another was flagged just above).
+    has_image = _nonempty(check.column("image") if "image" in spec.conditioning else None, n)
+    has_video = _nonempty(check.column("video") if "video" in spec.conditioning else None, n)
     if spec.conditioning:
-        _check_tasks(check, spec)
+        _check_tasks(check, spec, has_image, has_video)
 
     fps = check.column("fps")
     if fps is not None:
@@ -248,7 +251,7 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
             pc.is_valid(frames), "num_frames", f"{spec.name} makes images; num_frames is for video models"
         )
     elif spec.frames is not None and (frames is not None or spec.num_frames is not None):
-        _check_frames(check, spec, frames)
+        _check_frames(check, spec, frames, has_video)
     return check.count, check.problems
 
 
@@ -259,18 +262,14 @@ def _nonempty(values: pa.Array | None, n: int) -> np.ndarray:
     return present.to_numpy(zero_copy_only=False)
 
 
-def _check_tasks(check: _BatchChecker, spec: ModelSpec) -> None:
+def _check_tasks(check: _BatchChecker, spec: ModelSpec, has_image: np.ndarray, has_video: np.ndarray) -> None:
     """Every row must map to a task of the model; inputs must not be empty strings."""
-    n = check.part.batch.num_rows
     for name in ("image", "video"):
         values = check.column(name)
         if values is not None and name in spec.conditioning:
             check.flag(
                 pc.equal(pc.utf8_length(values), 0), name, "is empty; leave it null for rows without one"
             )
-    # A column the model cannot use was flagged already; judge the rows by the columns it can.
-    has_image = _nonempty(check.column("image") if "image" in spec.conditioning else None, n)
-    has_video = _nonempty(check.column("video") if "video" in spec.conditioning else None, n)
     for image in (False, True):
         for video in (False, True):
             if spec.task_for(image, video) is not None:
@@ -301,7 +300,9 @@ def _check_tasks(check: _BatchChecker, spec: ModelSpec) -> None:
             )
 
 
-def _check_frames(check: _BatchChecker, spec: ModelSpec, frames: pa.Array | None) -> None:
+def _check_frames(
+    check: _BatchChecker, spec: ModelSpec, frames: pa.Array | None, video_input: np.ndarray
+) -> None:
     rule = spec.frames
     assert rule is not None
     n = check.part.batch.num_rows
@@ -311,7 +312,6 @@ def _check_frames(check: _BatchChecker, spec: ModelSpec, frames: pa.Array | None
         if frames is not None
         else np.full(n, default, dtype=np.int64)
     )
-    video_input = _nonempty(check.column("video"), n)
     problems = {}
     for count in np.unique(counts):  # one check per distinct count and input kind
         for with_video in (False, True):

@@ -180,9 +180,9 @@ class ModelSpec:
 
     def task_for(self, has_image: bool, has_video: bool) -> str | None:
         """The task of a row with these inputs, or None when the model has none for them."""
-        wanted = "image" if has_image and not has_video else "video" if has_video and not has_image else None
         if has_image and has_video:
             return None
+        wanted = "image" if has_image else "video" if has_video else None
         return next((t for t in self.tasks if TASK_INPUT[t] == wanted), None)
 
     def describe_tasks(self) -> str:

@@ -79,6 +79,8 @@ class RenderWorker:
         if name == "auto":
             name = self.spec.dtype_gpu if self.device.type == "cuda" else self.spec.dtype_cpu
         self.family = family_module(self.spec.family)
+        # A family's own checks and fitting of decoded inputs (GLM-Image), or none.
+        self.prepare_inputs = getattr(self.family, "prepare_inputs", None)
         pipe = self.family.load_pipeline(self.spec, getattr(torch, name))
         self.pipe = place(pipe, self.device, self.settings)
         self.out = open_location(self.out_uri)
@@ -95,11 +97,10 @@ class RenderWorker:
         start = time.perf_counter()
         results: dict[str, ItemResult] = {}
         ready, inputs = [], []
-        prepare = getattr(self.family, "prepare_inputs", None)  # a family's own input checks
         for item in unit.items:
             try:
                 loaded = load_inputs(item)
-                inputs.append(prepare(item, loaded) if prepare else loaded)
+                inputs.append(self.prepare_inputs(item, loaded) if self.prepare_inputs else loaded)
                 ready.append(item)
             except InputError as e:
                 results[item.id] = ItemResult(item.id, ok=False, error=str(e))
