@@ -1,0 +1,230 @@
+"""Sequence parallelism: one sample's tokens split over the ranks of a CFG half.
+
+This is diffusers' own context parallelism (`enable_parallelism` with a `ContextParallelConfig`),
+given what diffusers 0.42 lacks for these three models:
+- a `cp_plan` per transformer: split the text and image/video tokens as they enter the first
+  block, split the rotary tables the same way, gather the tokens after `proj_out` (before
+  unpatchifying). Joint text+image attention stays exact: Ulysses' all-to-all hands every rank the
+  whole sequence (in rank order) for its heads, and unmasked attention does not depend on key order.
+- attention routed through `dispatch_attention_fn`: the stock CogView4 and CogVideoX processors
+  call `F.scaled_dot_product_attention` themselves, so a plan alone would attend within each
+  rank's shard only and be silently wrong. `dispatched` redirects that one call of such a
+  processor; GLM-Image's processor already dispatches.
+- a mesh resolved without `torch.accelerator.device_count()` (zero on a CPU, where diffusers
+  would divide by it).
+Where the head count or the token count does not divide by the degree, the uneven mode
+("Ulysses anything") pads nothing and splits unevenly. Ring attention needs an attention backend
+that returns the log-sum-exp (flash, cuDNN), which a CPU does not have; it is offered on GPU only.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook, context_parallel
+from diffusers.models import attention_processor
+from diffusers.models._modeling_parallel import (
+    ContextParallelConfig,
+    ContextParallelInput,
+    ContextParallelOutput,
+    ParallelConfig,
+    gather_size_by_comm,
+)
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers import transformer_cogview4
+
+from cogdist.parallel.group import Gang
+
+TOKENS = ContextParallelInput(split_dim=1, expected_dims=3)
+ROPE = ContextParallelInput(split_dim=0, expected_dims=2)
+ROPE_OUTPUT = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+GATHER = ContextParallelOutput(gather_dim=1, expected_dims=3)
+
+# The first block's token inputs, the rotary tables, and the gather after the output projection.
+# CogView4 and GLM-Image compute their rotary tables in a `rope` module; CogVideoX 1.5 receives
+# them from the pipeline as the `image_rotary_emb` argument (1.0 2B has none: learned positions).
+CP_PLANS: dict[str, dict] = {
+    "CogView4Transformer2DModel": {
+        "rope": {0: ROPE_OUTPUT, 1: ROPE_OUTPUT},
+        "transformer_blocks.0": {"hidden_states": TOKENS, "encoder_hidden_states": TOKENS},
+        "proj_out": GATHER,
+    },
+    "GlmImageTransformer2DModel": {
+        "rope": {0: ROPE_OUTPUT, 1: ROPE_OUTPUT},
+        # Its glyph tokens are often fewer than the ranks (one, for a prompt without quoted
+        # text), which diffusers cannot split: `TextOnFirstRank` places them instead.
+        "transformer_blocks.0": {"hidden_states": TOKENS},
+        "proj_out": GATHER,
+    },
+    "CogVideoXTransformer3DModel": {
+        "": {"image_rotary_emb": [ROPE, ROPE]},
+        "transformer_blocks.0": {"hidden_states": TOKENS, "encoder_hidden_states": TOKENS},
+        "proj_out": GATHER,
+    },
+}
+
+# Modules whose processors call `F.scaled_dot_product_attention` directly.
+_SDPA_CALLERS = (transformer_cogview4, attention_processor)
+_active: contextvars.ContextVar = contextvars.ContextVar("cogdist_attention", default=None)
+"""The dispatched processor running now, if any."""
+
+
+def dispatched(processor):
+    """`processor` with its scaled-dot-product call going through diffusers' dispatcher.
+
+    A subclass rather than a wrapper: `Attention` filters its keyword arguments by the
+    processor's `__call__` signature, which the subclass keeps.
+    """
+    base = type(processor)
+
+    @functools.wraps(base.__call__)
+    def __call__(self, attn, *args, **kwargs):
+        token = _active.set(self)
+        try:
+            return base.__call__(self, attn, *args, **kwargs)
+        finally:
+            _active.reset(token)
+
+    cls = type(
+        f"Dispatched{base.__name__}",
+        (base,),
+        {
+            "__call__": __call__,
+            "_attention_backend": None,
+            "_parallel_config": None,
+        },  # set by enable_parallelism
+    )
+    routed = cls.__new__(cls)
+    routed.__dict__.update(processor.__dict__)
+    return routed
+
+
+def _scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw
+):
+    active = _active.get()
+    if active is None:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            **kw,
+        )
+    if attn_mask is not None:
+        raise ValueError("sequence parallelism takes no attention mask: encode prompts one row at a time")
+    # SDPA's layout is (batch, heads, tokens, dim); the dispatcher's is (batch, tokens, heads, dim).
+    out = dispatch_attention_fn(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        backend=active._attention_backend,
+        parallel_config=active._parallel_config,
+    )
+    return out.transpose(1, 2)
+
+
+class _Functional(types.ModuleType):
+    """`torch.nn.functional` with `scaled_dot_product_attention` routed through the dispatcher
+    while a `DispatchedAttention` runs (and untouched otherwise)."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+_ROUTED = _Functional("torch.nn.functional")
+_ROUTED.scaled_dot_product_attention = _scaled_dot_product_attention
+
+
+def _route_sdpa() -> None:
+    for module in _SDPA_CALLERS:
+        module.F = _ROUTED
+
+
+class TextOnFirstRank(ModelHook):
+    """Give the first block's text tokens to the first rank of the group and none to the others.
+
+    Every rank must bring a disjoint part of the sequence to the all-to-all; the uneven mode
+    accepts an empty text part.
+    """
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def pre_forward(self, module, *args, **kwargs):
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self._part(kwargs["encoder_hidden_states"])
+        else:
+            args = (args[0], self._part(args[1]), *args[2:])
+        return args, kwargs
+
+    def _part(self, text: torch.Tensor) -> torch.Tensor:
+        return text if self.rank == 0 else text[:, :0]
+
+
+def _padded_all_gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """diffusers' uneven gather, for gloo: its `all_gather` takes equal sizes only, so pad to the
+    largest shard, gather, and cut each shard back to its own size."""
+    sizes = gather_size_by_comm(tensor.shape[dim], group)
+    largest = max(sizes)
+    padding = [0, 0] * (tensor.dim() - dim - 1) + [0, largest - tensor.shape[dim]]
+    padded = F.pad(tensor.contiguous(), padding)
+    shards = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(shards, padded, group=group)
+    return torch.cat([shard.narrow(dim, 0, size) for shard, size in zip(shards, sizes)], dim=dim)
+
+
+def cp_plan(transformer: torch.nn.Module) -> dict:
+    name = type(transformer).__name__
+    if name not in CP_PLANS:
+        raise ValueError(f"no sequence-parallel plan for {name}; cogdist has plans for {sorted(CP_PLANS)}")
+    return CP_PLANS[name]
+
+
+def context_parallel_config(gang: Gang, uneven: bool) -> ContextParallelConfig:
+    return ContextParallelConfig(ulysses_degree=gang.layout.sp, ulysses_anything=uneven, mesh=gang.sp_mesh())
+
+
+def apply_sequence_parallel(transformer: torch.nn.Module, gang: Gang, uneven: bool = False) -> None:
+    """Split `transformer`'s tokens over the ranks of this rank's CFG half (Ulysses attention).
+
+    `uneven`: split unevenly where heads or tokens do not divide by the degree.
+    """
+    if gang.layout.sp == 1:
+        return
+    plan = cp_plan(transformer)
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and not hasattr(processor, "_parallel_config"):
+            module.processor = dispatched(processor)
+    _route_sdpa()
+    if uneven and gang.device.type == "cpu":
+        context_parallel._all_gather_anything = _padded_all_gather
+    config = ParallelConfig(context_parallel_config=context_parallel_config(gang, uneven))
+
+    def resolve(_config) -> ParallelConfig:
+        # diffusers' resolver picks the device as rank % accelerator count, which is 0 on a CPU.
+        config.setup(gang.rank, gang.world_size, gang.device, mesh=gang.sp_mesh())
+        transformer._parallel_config = config
+        return config
+
+    transformer._resolve_parallel_config = resolve
+    transformer.enable_parallelism(config=config, cp_plan=plan)
+    if "encoder_hidden_states" not in plan["transformer_blocks.0"]:
+        if not uneven:
+            raise ValueError(f"{type(transformer).__name__} needs the uneven mode for sequence parallelism")
+        sp_rank = gang.rank % gang.layout.sp
+        registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
+        registry.register_hook(TextOnFirstRank(sp_rank), "cogdist_text_on_first_rank")
