@@ -41,6 +41,9 @@ from cogdist.models.registry import (
     ModelSpec,
 )
 from cogdist.models.tiny import tiny_tokenizer
+from cogdist.parallel.broadcast import on_first_rank
+from cogdist.parallel.cfg import BATCHED
+from cogdist.parallel.group import Gang
 from cogdist.work import WorkItem
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -141,23 +144,35 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
     return from_pretrained(PIPELINES[spec.tasks[0]], spec.source, dtype)
 
 
+CFG_PARALLEL = BATCHED
+"""The pipeline calls the transformer once per step on the batch [uncond; cond]."""
+
+
 @torch.no_grad()
 def render(
-    pipe: DiffusionPipeline, items: Sequence[WorkItem], device: torch.device, inputs: Sequence
+    pipe: DiffusionPipeline,
+    items: Sequence[WorkItem],
+    device: torch.device,
+    inputs: Sequence,
+    gang: Gang | None = None,
 ) -> list[np.ndarray]:
-    """Videos (uint8, frames x height x width x 3) for `items`, which share one shape and task."""
+    """Videos (uint8, frames x height x width x 3) for `items`, which share one shape and task.
+
+    In a gang, prompts are encoded on its first rank only.
+    """
     first = items[0]
     task_pipe = _for_task(pipe, first.task)
     cfg = first.guidance_scale > 1
+    encoded = on_first_rank(
+        gang,
+        lambda: [
+            task_pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device) for item in items
+        ],
+    )
     videos: list[np.ndarray] = []
     for call in _calls(task_pipe, items):
-        positive, negative = [], []
-        for index in call:
-            p, n = task_pipe.encode_prompt(
-                items[index].prompt, items[index].negative_prompt, cfg, device=device
-            )
-            positive.append(p)
-            negative.append(n)
+        positive = [encoded[index][0] for index in call]
+        negative = [encoded[index][1] for index in call]
         kwargs = dict(
             prompt_embeds=torch.cat(positive),
             negative_prompt_embeds=torch.cat(negative) if cfg else None,

@@ -27,6 +27,9 @@ from transformers import GlmConfig, GlmModel
 from cogdist.models.loading import from_pretrained
 from cogdist.models.registry import ModelSpec
 from cogdist.models.tiny import tiny_tokenizer
+from cogdist.parallel.broadcast import on_first_rank
+from cogdist.parallel.cfg import PAIRED, pairing
+from cogdist.parallel.group import Gang
 from cogdist.work import WorkItem
 
 
@@ -98,25 +101,45 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> CogView4Pipeline:
     return from_pretrained(CogView4Pipeline, spec.source, dtype)
 
 
+CFG_PARALLEL = PAIRED
+"""The pipeline calls the transformer twice per step, conditional first."""
+
+
 @torch.no_grad()
 def render(
-    pipe: CogView4Pipeline, items: Sequence[WorkItem], device: torch.device, inputs: Sequence | None = None
+    pipe: CogView4Pipeline,
+    items: Sequence[WorkItem],
+    device: torch.device,
+    inputs: Sequence | None = None,
+    gang: Gang | None = None,
 ) -> list[np.ndarray]:
     """Images (uint8, height x width x 3) for `items`, which share one shape, in their order.
 
-    CogView4 is text-to-image only: `inputs` (decoded conditioning inputs) are never used.
+    CogView4 is text-to-image only: `inputs` (decoded conditioning inputs) are never used. In a
+    gang, prompts are encoded on its first rank only.
     """
     first = items[0]
     guidance = first.guidance_scale
     cfg = guidance > 1
-    encoded = []
-    for item in items:
-        positive, negative = pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device)
-        generator = torch.Generator("cpu").manual_seed(item.seed)
-        latents = pipe.prepare_latents(
-            1, pipe.transformer.config.in_channels, item.height, item.width, torch.float32, device, generator
-        )
-        encoded.append((positive, negative, latents))
+
+    def encode() -> list[tuple]:
+        encoded = []
+        for item in items:
+            positive, negative = pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device)
+            generator = torch.Generator("cpu").manual_seed(item.seed)
+            latents = pipe.prepare_latents(
+                1,
+                pipe.transformer.config.in_channels,
+                item.height,
+                item.width,
+                torch.float32,
+                device,
+                generator,
+            )
+            encoded.append((positive, negative, latents))
+        return encoded
+
+    encoded = on_first_rank(gang, encode)
 
     # Stack rows whose encoded prompts have equal lengths; padding would change their images.
     groups: dict[tuple[int, int], list[int]] = {}
@@ -126,16 +149,20 @@ def render(
 
     images: list[np.ndarray | None] = [None] * len(items)
     for indices in groups.values():
-        output = pipe(
-            prompt_embeds=torch.cat([encoded[i][0] for i in indices]),
-            negative_prompt_embeds=torch.cat([encoded[i][1] for i in indices]) if cfg else None,
-            latents=torch.cat([encoded[i][2] for i in indices]),
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.num_inference_steps,
-            guidance_scale=guidance,
-            output_type="np",
-        ).images
+        negative = torch.cat([encoded[i][1] for i in indices]) if cfg else None
+        with pairing(
+            pipe.transformer, lambda kwargs, negative=negative: {**kwargs, "encoder_hidden_states": negative}
+        ):
+            output = pipe(
+                prompt_embeds=torch.cat([encoded[i][0] for i in indices]),
+                negative_prompt_embeds=negative,
+                latents=torch.cat([encoded[i][2] for i in indices]),
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=guidance,
+                output_type="np",
+            ).images
         for i, image in zip(indices, output):
             images[i] = (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
     return images  # type: ignore[return-value]

@@ -57,6 +57,9 @@ from transformers import (
 
 from cogdist.models.loading import from_pretrained
 from cogdist.models.registry import ModelSpec
+from cogdist.parallel.broadcast import on_first_rank
+from cogdist.parallel.cfg import PAIRED, pairing
+from cogdist.parallel.group import Gang
 from cogdist.work import WorkItem
 from cogdist.worker.inputs import InputError, Inputs
 
@@ -343,6 +346,10 @@ def generate_prior(
     return PriorTokens(prior_ids.cpu(), image_ids[0].cpu(), grids[0].cpu())
 
 
+CFG_PARALLEL = PAIRED
+"""The pipeline calls the transformer twice per step, conditional first."""
+
+
 @torch.no_grad()
 def render(
     pipe: GlmImagePipeline,
@@ -350,32 +357,42 @@ def render(
     device: torch.device,
     inputs: Sequence[Inputs] | None = None,
     priors: Sequence[PriorTokens] | None = None,
+    gang: Gang | None = None,
 ) -> list[np.ndarray]:
     """Images (uint8, height x width x 3) for `items`, in their order.
 
     `inputs` hold the condition images (already through `prepare_inputs`); `priors` (one per item,
-    from `generate_prior`, e.g. computed on another rank) skip the AR stage.
+    from `generate_prior`, e.g. computed elsewhere) skip the AR stage. In a gang, the AR stage and
+    the glyph encoding run on its first rank only.
     """
     conditions = [inp.image for inp in inputs] if inputs else [None] * len(items)
-    if priors is None:
-        priors = [generate_prior(pipe, item, image, device) for item, image in zip(items, conditions)]
+    cfg = items[0].guidance_scale > 1
 
-    prepared = []
+    def first_stages() -> list[tuple]:
+        prepared = []
+        for index, (item, condition) in enumerate(zip(items, conditions)):
+            prior = priors[index] if priors is not None else generate_prior(pipe, item, condition, device)
+            # This row's glyphs alone: no left padding from other rows.
+            embeds, _ = pipe.encode_prompt(item.prompt, False, device=device, dtype=pipe.dtype)
+            shape = (
+                1,
+                pipe.transformer.config.in_channels,
+                item.height // pipe.vae_scale_factor,
+                item.width // pipe.vae_scale_factor,
+            )
+            # The AR stage never draws from this generator: this is the stock pipeline's first draw.
+            latents = randn_tensor(
+                shape,
+                generator=torch.Generator("cpu").manual_seed(item.seed),
+                device=device,
+                dtype=embeds.dtype,
+            )
+            prepared.append((embeds, latents, prior))
+        return prepared
+
+    prepared = on_first_rank(gang, first_stages)
     groups: dict[tuple, list[int]] = {}
-    for index, (item, condition, prior) in enumerate(zip(items, conditions, priors)):
-        # This row's glyphs alone: no left padding from other rows.
-        embeds, _ = pipe.encode_prompt(item.prompt, False, device=device, dtype=pipe.dtype)
-        shape = (
-            1,
-            pipe.transformer.config.in_channels,
-            item.height // pipe.vae_scale_factor,
-            item.width // pipe.vae_scale_factor,
-        )
-        # The AR stage never draws from this generator: this is the stock pipeline's first draw.
-        latents = randn_tensor(
-            shape, generator=torch.Generator("cpu").manual_seed(item.seed), device=device, dtype=embeds.dtype
-        )
-        prepared.append((embeds, latents, prior))
+    for index, ((embeds, _, prior), condition) in enumerate(zip(prepared, conditions)):
         key: tuple = (embeds.shape[1], condition is not None)
         if condition is not None:  # per-sample KV caches are concatenated: equal lengths only
             key += (condition.size, prior.prior_token_image_ids.numel())
@@ -385,23 +402,42 @@ def render(
     images: list[np.ndarray | None] = [None] * len(items)
     for indices in groups.values():
         image_to_image = conditions[indices[0]] is not None
-        output = pipe(
-            prompt_embeds=torch.cat([prepared[i][0] for i in indices]),
-            latents=torch.cat([prepared[i][1] for i in indices]),
-            prior_token_ids=torch.cat([prepared[i][2].prior_token_ids for i in indices]).to(device),
-            prior_token_image_ids=[prepared[i][2].prior_token_image_ids.to(device) for i in indices]
-            if image_to_image
-            else None,
-            source_image_grid_thw=[prepared[i][2].source_image_grid_thw.to(device) for i in indices]
-            if image_to_image
-            else None,
-            image=[[conditions[i]] for i in indices] if image_to_image else None,
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.num_inference_steps,
-            guidance_scale=first.guidance_scale,
-            output_type="np",
-        ).images
+        # The unconditional pass as the pipeline makes it: empty glyphs, prior tokens dropped,
+        # no condition-image KV cache ("skip").
+        negative = (
+            pipe.encode_prompt([""] * len(indices), False, device=device, dtype=pipe.dtype)[0]
+            if cfg
+            else None
+        )
+
+        def uncond(kwargs: dict, negative=negative) -> dict:
+            drop = torch.ones_like(kwargs["prior_token_drop"])
+            return {**kwargs, "encoder_hidden_states": negative, "prior_token_drop": drop, "kv_caches": None}
+
+        with pairing(pipe.transformer, uncond, passthrough=_writes_kv_cache):
+            output = pipe(
+                prompt_embeds=torch.cat([prepared[i][0] for i in indices]),
+                latents=torch.cat([prepared[i][1] for i in indices]),
+                prior_token_ids=torch.cat([prepared[i][2].prior_token_ids for i in indices]).to(device),
+                prior_token_image_ids=[prepared[i][2].prior_token_image_ids.to(device) for i in indices]
+                if image_to_image
+                else None,
+                source_image_grid_thw=[prepared[i][2].source_image_grid_thw.to(device) for i in indices]
+                if image_to_image
+                else None,
+                image=[[conditions[i]] for i in indices] if image_to_image else None,
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                output_type="np",
+            ).images
         for i, image in zip(indices, output):
             images[i] = (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
     return images  # type: ignore[return-value]
+
+
+def _writes_kv_cache(kwargs: dict) -> bool:
+    """The image-to-image prefill call, which stores the condition image's keys and values."""
+    caches = kwargs.get("kv_caches")
+    return caches is not None and caches[0].mode == "write"
