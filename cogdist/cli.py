@@ -49,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas", type=int, help="gangs in parallel (default: one per GPU, 2 without GPUs)"
     )
     render.add_argument(
-        "--sp", type=int, default=1, help="sequence-parallel degree: GPUs per gang (default 1)"
+        "--sp", type=int, default=1, help="sequence-parallel degree: GPUs sharing one sample (default 1)"
+    )
+    render.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a gang member waits for a peer before the gang is rebuilt (default 600)",
+    )
+    render.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="conditional and unconditional passes on two halves of the gang: 2 x --sp GPUs per gang",
     )
     render.add_argument(
         "--batch-size", type=int, default=1, help="rows of one shape per pipeline call (default 1)"
@@ -121,6 +132,8 @@ def _render(args: argparse.Namespace) -> int:
         out=args.out,
         replicas=args.replicas,
         sp=args.sp,
+        cfg_parallel=args.cfg_parallel,
+        collective_timeout=args.collective_timeout,
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,
         max_retries=args.max_retries,

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangError
+from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangBroken, GangError
 from cogdist.executor.cluster import Cluster, connect, disconnect
 from cogdist.executor.gang import Gang, GangSpec, GangState, RestartPolicy
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.manifest.rows import RowDefaults
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
+from cogdist.parallel.check import check_layout
 from cogdist.progress import Progress
 from cogdist.scheduler import Failed, Finished, Scheduler
 from cogdist.scheduler.pending import PendingSet, pending_rows, scan_pending
@@ -177,9 +178,11 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
     rows = pending_rows(job.source, counts, job.spec, defaults)
     scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
-    embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.sp)
+    embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.gang_size)
     cluster = connect(options.address, num_cpus=embedded_cpus)
     try:
+        if cluster.gpus >= 1:  # a gang's GPUs must share a node
+            check_layout(job.spec, options.sp, options.cfg_parallel, cluster.max_node_gpus)
         loop = RenderLoop(job, cluster, scheduler, counts, worker_class)
         loop.run()
     finally:
@@ -189,12 +192,13 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
 
 def replica_layout(options: RenderOptions, cluster: Cluster) -> tuple[int, GangSpec]:
     """How many gangs, and what each member reserves, on this cluster."""
+    size = options.gang_size
     if cluster.gpus >= 1:
-        replicas = options.replicas or max(1, int(cluster.gpus // options.sp))
-        return replicas, GangSpec(options.sp, options.cpus_per_worker or 1.0, 1.0)
+        replicas = options.replicas or max(1, int(cluster.gpus // size))
+        return replicas, GangSpec(size, options.cpus_per_worker or 1.0, 1.0)
     replicas = options.replicas or 2
-    share = max(1, int(cluster.max_node_cpus // (replicas * options.sp)))
-    return replicas, GangSpec(options.sp, options.cpus_per_worker or float(share), 0.0)
+    share = max(1, int(cluster.max_node_cpus // (replicas * size)))
+    return replicas, GangSpec(size, options.cpus_per_worker or float(share), 0.0)
 
 
 @dataclass
@@ -236,6 +240,9 @@ class RenderLoop:
             vae_tiling=bool(self.options.vae_tiling),
             vae_slicing=bool(self.options.vae_slicing),
             cpu_offload=bool(self.options.cpu_offload),
+            sp=self.options.sp,
+            cfg_parallel=self.options.cfg_parallel,
+            collective_timeout=self.options.collective_timeout,
         )
         args = (job.spec, job.out.worker_uri, settings)
         self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
@@ -308,6 +315,10 @@ class RenderLoop:
         exceptions = self.ray.exceptions
         try:
             result = self.ray.get(ref)
+        except GangBroken as e:  # raised as a RayTaskError that is also a GangBroken
+            self.waiting[ref] = (replica, unit_id)
+            self._lose(replica, _describe(e))
+            return
         except exceptions.RayTaskError as e:
             if unit_id is None:
                 self._lose(replica, f"could not start: {_describe(e)}")

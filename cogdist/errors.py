@@ -42,6 +42,11 @@ class GangError(CogdistError):
     """A gang of workers could not be started or kept alive."""
 
 
+class GangBroken(GangError):
+    """A collective of a gang failed (a peer died, hung or left): the gang is rebuilt, its unit
+    re-queued, and no row is blamed."""
+
+
 @dataclass(frozen=True)
 class ManifestProblem:
     """One reason a manifest is refused, located as precisely as it can be."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from cogdist.errors import UsageError
 from cogdist.models.registry import ModelSpec
+from cogdist.parallel.check import check_layout
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
 from cogdist.worker.worker import DTYPES
 
@@ -21,7 +22,9 @@ class RenderOptions:
     replicas: int | None = None
     """Gangs rendering in parallel. Default: one per GPU (divided by --sp), or 2 without GPUs."""
     sp: int = 1
-    """Sequence-parallel degree: GPUs per gang."""
+    """Sequence-parallel degree: GPUs sharing one sample's tokens."""
+    cfg_parallel: bool = False
+    """Run the conditional and unconditional passes on two halves of the gang (2 x sp GPUs)."""
     batch_size: int = 1
     """Rows of one shape rendered by one pipeline call."""
     max_in_flight: int = 2
@@ -62,12 +65,20 @@ class RenderOptions:
     """Render rows recorded under failures/ again instead of skipping them."""
     cpus_per_worker: float | None = None
     """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
+    collective_timeout: float = 600.0
+    """Seconds a gang member waits for a peer in a collective before the gang is rebuilt (a hung
+    GPU or process). Longer than any rank-0-only stage: text encoding, GLM-Image's AR prior."""
     max_gang_restarts: int = 3
     """Times a replica is rebuilt after its workers die before it is given up."""
     commit_interval: float = 2.0
     """Seconds between index commits (finished rows are committed in one Parquet part)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+
+    @property
+    def gang_size(self) -> int:
+        """Workers (GPUs) per replica."""
+        return self.sp * (2 if self.cfg_parallel else 1)
 
     def check(self, spec: ModelSpec) -> None:
         """Raise UsageError for an option that cannot work with `spec`."""
@@ -82,11 +93,7 @@ class RenderOptions:
         for flag, value in positive.items():
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
-        if self.sp != 1:
-            raise UsageError(
-                f"--sp {self.sp}: sequence-parallel gangs are not available in this version; use --sp 1 "
-                "and scale out with --replicas"
-            )
+        check_layout(spec, self.sp, self.cfg_parallel)
         if self.max_retries < 0:
             raise UsageError(f"--max-retries must be >= 0, got {self.max_retries}")
         formats = VIDEO_FORMATS if spec.kind == "video" else IMAGE_FORMATS
@@ -100,6 +107,8 @@ class RenderOptions:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.guidance is not None and not abs(self.guidance) < float("inf"):
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
+        if not self.collective_timeout > 0:
+            raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise UsageError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         problem = spec.sizes.problem(spec.width, spec.height)

@@ -37,6 +37,41 @@ def dying_worker(marker_dir: Path, victim: str) -> type:
     return DyingWorker
 
 
+def dying_member(marker_dir: Path, victim: str, rank: int) -> type:
+    """A gang member whose process exits hard in the middle of denoising `victim`, once."""
+
+    class DyingMember(RenderWorker):
+        def render(self, unit):
+            marker = Path(marker_dir) / "died"
+            if self.rank == rank and any(i.id == victim for i in unit.items) and not marker.exists():
+                calls = []
+
+                def die_on_second_step(module, args, kwargs):
+                    calls.append(1)
+                    if len(calls) == 2:
+                        marker.write_text(str(os.getpid()))
+                        os._exit(1)
+
+                self.pipe.transformer.register_forward_pre_hook(die_on_second_step, with_kwargs=True)
+            return super().render(unit)
+
+    return DyingMember
+
+
+def hanging_member(marker_dir: Path, victim: str, rank: int) -> type:
+    """A gang member that stops answering (sleeps) before rendering `victim`, once."""
+
+    class HangingMember(RenderWorker):
+        def render(self, unit):
+            marker = Path(marker_dir) / "hung"
+            if self.rank == rank and any(i.id == victim for i in unit.items) and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                time.sleep(3600)
+            return super().render(unit)
+
+    return HangingMember
+
+
 def timed_worker(log_dir: Path, slow_width: int, slow_seconds: float) -> type:
     """A worker that takes `slow_seconds` longer for rows of width `slow_width`, and logs every
     unit it renders as a JSON line (pid, ids, start, end) in `log_dir`."""

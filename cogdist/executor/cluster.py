@@ -19,6 +19,7 @@ class Cluster:
     gpus: float
     max_node_cpus: float  # logical CPUs of its largest node
     start_seconds: float
+    max_node_gpus: float = 0.0  # GPUs of its largest node
     reaper: subprocess.Popen | None = None
 
 
@@ -54,6 +55,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
         cpus=resources.get("CPU", 0.0),
         gpus=resources.get("GPU", 0.0),
         max_node_cpus=max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0),
+        max_node_gpus=max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0),
         start_seconds=time.perf_counter() - start,
         reaper=reaper,
     )

@@ -85,7 +85,9 @@ class Gang:
             ).remote(*self.worker_args, rank=rank, world_size=self.spec.size)
             for rank in range(self.spec.size)
         ]
-        self.setup_refs = [actor.setup.remote() for actor in self.actors]
+        # Rank 0 picks the process group's address; Ray hands it to every setup call.
+        address = self.actors[0].rendezvous.remote() if self.spec.size > 1 else None
+        self.setup_refs = [actor.setup.remote(address) for actor in self.actors]
         self.state = GangState.STARTING
         self.started_at = time.monotonic()
         return self.setup_refs

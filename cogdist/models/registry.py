@@ -166,6 +166,8 @@ class ModelSpec:
     """Default of --vae-slicing: decode a batch one sample at a time."""
     cpu_offload: bool = False
     """Default of --cpu-offload: keep only the running component on the GPU."""
+    heads: int = 0
+    """Attention heads of the transformer (0: unknown), which bound the sequence-parallel degree."""
     negative_prompt: bool = True
     """Whether the pipeline takes a negative prompt (GLM-Image has none)."""
     description: str = ""
@@ -407,8 +409,19 @@ def _glm_image_presets() -> list[ModelSpec]:
     ]
 
 
+# Transformer attention heads of the presets (tests/data/checkpoints holds the real configs).
+_HEADS = {
+    "THUDM/CogView4-6B": 32,
+    "THUDM/CogVideoX-2b": 30,
+    "alibaba-pai/CogVideoX-Fun-V1.1-2b-Pose": 30,
+    "zai-org/GLM-Image": 32,
+}
+TINY_HEADS = 6
+COGVIDEOX_5B_HEADS = 48
+
 PRESETS: dict[str, ModelSpec] = {
-    spec.name: spec for spec in _cogview4_presets() + _cogvideox_presets() + _glm_image_presets()
+    spec.name: replace(spec, heads=TINY_HEADS if spec.tiny else _HEADS.get(spec.name, COGVIDEOX_5B_HEADS))
+    for spec in _cogview4_presets() + _cogvideox_presets() + _glm_image_presets()
 }
 
 # model_index.json `_class_name` -> (family, tasks)
@@ -445,6 +458,7 @@ def _cogview4_from_configs(name: str, source: str, tasks: tuple, read: Callable[
         num_inference_steps=50,
         guidance_scale=5.0,
         sizes=SizeRule(multiple=multiple, min_side=multiple, max_side=4096),
+        heads=transformer.get("num_attention_heads", 0),
         description="CogView4 checkpoint (not a preset: sizes checked structurally only)",
     )
 
@@ -486,6 +500,7 @@ def _cogvideox_from_configs(name: str, source: str, tasks: tuple, read: Callable
         fps=fps,
         vae_tiling=True,
         vae_slicing=True,
+        heads=transformer.get("num_attention_heads", 0),
         description="CogVideoX checkpoint (not a preset: sizes and frames checked structurally only)",
     )
 
@@ -507,6 +522,7 @@ def _glm_image_from_configs(name: str, source: str, tasks: tuple, read: Callable
         guidance_scale=1.5,
         sizes=SizeRule(multiple=multiple, min_side=multiple, max_side=4096),
         negative_prompt=False,
+        heads=transformer.get("num_attention_heads", 0),
         description="GLM-Image checkpoint (not a preset: sizes checked structurally only)",
     )
 

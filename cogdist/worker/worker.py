@@ -10,17 +10,23 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cogdist.errors import StorageError
+from cogdist.errors import GangBroken, StorageError
 from cogdist.models.registry import ModelSpec
 from cogdist.sink.encode import encode_image, encode_video
 from cogdist.storage import open_location
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
 from cogdist.worker.inputs import InputError, load_inputs
 
+if TYPE_CHECKING:
+    from cogdist.parallel.group import Gang
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How torch reports a failed gloo/NCCL collective when it raises a plain RuntimeError.
+_COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class WorkerSettings:
     vae_slicing: bool = False
     cpu_offload: bool = False
     """Model CPU offload (GPU only: on a CPU there is nothing to offload to)."""
+    sp: int = 1
+    """Sequence-parallel degree of the gang."""
+    cfg_parallel: bool = False
+    """The gang's two halves run the conditional and unconditional passes."""
+    collective_timeout: float = 600.0
+    """Seconds a collective waits for a peer before the gang is declared broken."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +69,27 @@ class RenderWorker:
         self.rank = rank
         self.world_size = world_size
         self.pipe = None
+        self.gang: Gang | None = None
 
-    def setup(self) -> WorkerInfo:
-        """Load the pipeline (called once, after Ray has set the visible GPUs)."""
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: where the gang's process group meets (an address and free port of this node)."""
+        from cogdist.parallel.group import rendezvous_address
+
+        return rendezvous_address()
+
+    def setup(self, address: tuple[str, int] | None = None) -> WorkerInfo:
+        """Join the gang, load the pipeline and apply the gang's parallelism.
+
+        Called once, after Ray has set the visible GPUs. The group forms before loading, so that a
+        missing peer fails within the init timeout instead of after minutes of loading.
+        """
         import diffusers
         import torch
         import transformers
 
         from cogdist.models import family_module
+        from cogdist.parallel.group import Layout, init_gang
+        from cogdist.parallel.pipeline import parallelize
 
         start = time.perf_counter()
         # Library warnings would repeat once per worker in the driver's log; errors still show.
@@ -75,6 +100,14 @@ class RenderWorker:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        layout = Layout(sp=self.settings.sp, cfg=2 if self.settings.cfg_parallel else 1)
+        if layout.world_size != self.world_size:
+            raise ValueError(f"a gang of {self.world_size} cannot hold {layout}")
+        if layout.world_size > 1:
+            assert address is not None, "a gang needs rank 0's rendezvous address"
+            self.gang = init_gang(
+                layout, self.rank, address, self.device, collective_timeout=self.settings.collective_timeout
+            )
         name = self.settings.dtype
         if name == "auto":
             name = self.spec.dtype_gpu if self.device.type == "cuda" else self.spec.dtype_cpu
@@ -83,6 +116,8 @@ class RenderWorker:
         self.prepare_inputs = getattr(self.family, "prepare_inputs", None)
         pipe = self.family.load_pipeline(self.spec, getattr(torch, name))
         self.pipe = place(pipe, self.device, self.settings)
+        if self.gang is not None:
+            parallelize(self.pipe, self.gang, self.family.CFG_PARALLEL)
         self.out = open_location(self.out_uri)
         return WorkerInfo(
             rank=self.rank,
@@ -94,6 +129,20 @@ class RenderWorker:
         )
 
     def render(self, unit: WorkUnit) -> UnitResult:
+        """Render a unit; in a gang every rank calls this with the same unit, rank 0 writes."""
+        if self.gang is None:
+            return self._render(unit)
+        try:
+            return self._render(unit)
+        except Exception as e:
+            import torch.distributed as dist
+
+            # A collective that failed means a peer is gone or stuck: the gang, not the row.
+            if isinstance(e, dist.DistError) or any(word in str(e) for word in _COLLECTIVE_WORDS):
+                raise GangBroken(f"rank {self.rank}: {type(e).__name__}: {e}") from e
+            raise
+
+    def _render(self, unit: WorkUnit) -> UnitResult:
         start = time.perf_counter()
         results: dict[str, ItemResult] = {}
         ready, inputs = [], []
@@ -105,7 +154,12 @@ class RenderWorker:
             except InputError as e:
                 results[item.id] = ItemResult(item.id, ok=False, error=str(e))
         if ready:
-            outputs = self.family.render(self.pipe, ready, self.device, inputs)
+            if self.gang is None:
+                outputs = self.family.render(self.pipe, ready, self.device, inputs)
+            else:
+                outputs = self.family.render(self.pipe, ready, self.device, inputs, gang=self.gang)
+                if not self.gang.is_writer:  # rank 0 writes; the others return nothing large
+                    return UnitResult(unit.unit_id, (), time.perf_counter() - start)
             written = [self._write(item, pixels) for item, pixels in zip(ready, outputs)]
             # A row's render time: its share of the unit, inputs, rendering, encoding and upload included.
             per_item = (time.perf_counter() - start) / len(ready)

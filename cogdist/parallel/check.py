@@ -1,0 +1,54 @@
+"""Whether a model can take a gang layout: checked before any gang starts, with the reason."""
+
+from __future__ import annotations
+
+import math
+
+from cogdist.errors import UsageError
+from cogdist.models.registry import ModelSpec
+
+TOKEN_PIXELS = 16
+"""Pixels per image token side in all three families: an 8x VAE and 2x2 patches."""
+
+
+def image_tokens(width: int, height: int) -> int:
+    return (width // TOKEN_PIXELS) * (height // TOKEN_PIXELS)
+
+
+def check_layout(spec: ModelSpec, sp: int, cfg_parallel: bool, gpus_per_node: float = 0.0) -> None:
+    """Raise UsageError when `spec` cannot be split `sp` ways (x2 with CFG parallelism)."""
+    if sp < 1:
+        raise UsageError(f"--sp must be at least 1, got {sp}")
+    size = sp * (2 if cfg_parallel else 1)
+    if gpus_per_node and size > gpus_per_node:
+        raise UsageError(
+            f"--sp {sp}{' with --cfg-parallel' if cfg_parallel else ''} needs {size} GPUs in one node "
+            f"(a gang shares NVLink/PCIe); the largest node has {gpus_per_node:g}"
+        )
+    if sp == 1:
+        return
+    heads = spec.heads
+    if heads:
+        if sp > heads:
+            raise UsageError(
+                f"--sp {sp}: {spec.name} has {heads} attention heads; Ulysses splits heads, so --sp <= {heads}"
+            )
+        if heads % sp:
+            # The uneven mode pads the heads up to a multiple of sp; diffusers allows less padding
+            # than one rank's share.
+            padding, share = sp - heads % sp, math.ceil(heads / sp)
+            if padding >= share:
+                allowed = [
+                    k for k in range(2, heads + 1) if heads % k == 0 or k - heads % k < math.ceil(heads / k)
+                ]
+                raise UsageError(
+                    f"--sp {sp}: {spec.name}'s {heads} attention heads do not split {sp} ways "
+                    f"(would pad {padding} heads onto shares of {share}); try --sp in {allowed[:8]}"
+                )
+    rule = spec.sizes
+    width, height = min(rule.only) if rule.only else (rule.min_side, rule.min_side)
+    tokens = image_tokens(width, height)
+    if tokens < sp:
+        raise UsageError(
+            f"--sp {sp}: a {width}x{height} {spec.kind} of {spec.name} has only {tokens} image tokens to split"
+        )

@@ -1,0 +1,136 @@
+"""Sequence-parallel gangs through the engine and the CLI: same pixels, refusals, lost members."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from cogdist import engine
+from cogdist.options import RenderOptions
+from tests.conftest import cli, read_table, write_manifest
+from tests.faults import dying_member, hanging_member
+
+PIXELS = 2
+
+
+def rows(n: int) -> list[dict]:
+    return [{"id": f"g/{i}", "prompt": f"a lighthouse at dusk number {i}"} for i in range(n)]
+
+
+def pixels(out, table, item_id: str, column: str = "path") -> np.ndarray:
+    row = table.filter(ds.field("id") == item_id).to_pylist()[0]
+    return np.asarray(Image.open(f"{out}/{row[column]}"), dtype=int)
+
+
+def test_sp2_and_cfg_parallel_renders_through_the_cli_match_one_gpu(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
+    outs = {}
+    for name, flags in {"sp1": [], "sp2": ["--sp", "2"], "sp2cfg": ["--sp", "2", "--cfg-parallel"]}.items():
+        outs[name] = tmp_path / name
+        done = cli(
+            "render",
+            str(manifest),
+            "--model",
+            "tiny-cogview4",
+            "--out",
+            str(outs[name]),
+            "--replicas",
+            "1",
+            "--steps",
+            "3",
+            "--no-progress",
+            *flags,
+        )
+        assert done.returncode == 0, done.stderr
+    tables = {name: read_table(str(out))[0] for name, out in outs.items()}
+    for name in ("sp2", "sp2cfg"):
+        assert sorted(tables[name]["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
+        for item_id in ("g/0", "g/1", "g/2"):
+            reference = pixels(outs["sp1"], tables["sp1"], item_id)
+            difference = np.abs(pixels(outs[name], tables[name], item_id) - reference).max()
+            assert difference <= PIXELS, f"{name} {item_id}: {difference}"
+
+
+def test_video_gang_with_cfg_parallel_matches_one_gpu(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    outs = {name: tmp_path / name for name in ("sp1", "gang")}
+    for name, flags in {"sp1": [], "gang": ["--sp", "2", "--cfg-parallel"]}.items():
+        done = cli(
+            "render",
+            str(manifest),
+            "--model",
+            "tiny-cogvideox",
+            "--out",
+            str(outs[name]),
+            "--replicas",
+            "1",
+            "--steps",
+            "2",
+            "--frames",
+            "9",
+            "--save-frames",
+            "--no-progress",
+            *flags,
+        )
+        assert done.returncode == 0, done.stderr
+    frames = {name: sorted((outs[name] / "outputs").rglob("*.png")) for name in outs}
+    assert len(frames["sp1"]) == len(frames["gang"]) == 9
+    for one, gang in zip(frames["sp1"], frames["gang"]):
+        difference = np.abs(np.asarray(Image.open(one), int) - np.asarray(Image.open(gang), int)).max()
+        assert difference <= PIXELS, (one.name, difference)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--sp", "7"], "has 6 attention heads"),
+        (["--sp", "4"], "do not split 4 ways"),
+        (["--sp", "0"], "--sp must be at least 1"),
+    ],
+)
+def test_an_sp_the_model_cannot_take_is_refused_before_any_gang(tmp_path, flags, message):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    done = cli("render", str(manifest), "--model", "tiny-cogview4", "--out", str(tmp_path / "out"), *flags)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_gang_member_killed_mid_render_rebuilds_the_gang(ray_session, tmp_path, rank):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(5))
+    out = tmp_path / "out"
+    worker = dying_member(tmp_path, victim="g/2", rank=rank)
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, sp=2, steps=3, max_retries=0
+    )
+    summary = engine.run(options, worker_class=worker)
+    assert (tmp_path / "died").exists(), "the fault was not injected"
+    assert (summary.done, summary.failed, summary.ok) == (5, 0, True)
+    table, _ = read_table(str(out))
+    assert sorted(table["id"].to_pylist()) == [f"g/{i}" for i in range(5)]
+    assert table.filter(ds.field("id") == "g/2").to_pylist()[0]["attempts"] == 1  # a crash is no attempt
+
+
+def test_a_hung_gang_member_times_out_and_the_gang_is_rebuilt(ray_session, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
+    out = tmp_path / "out"
+    worker = hanging_member(tmp_path, victim="g/1", rank=1)
+    options = RenderOptions(
+        str(manifest),
+        "tiny-cogview4",
+        str(out),
+        progress=False,
+        replicas=1,
+        sp=2,
+        steps=2,
+        max_retries=0,
+        collective_timeout=5,
+    )
+    summary = engine.run(options, worker_class=worker)
+    assert (tmp_path / "hung").exists(), "the fault was not injected"
+    assert (summary.done, summary.failed, summary.ok) == (3, 0, True)
+    table, _ = read_table(str(out))
+    assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
