@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -204,6 +205,9 @@ def apply_sequence_parallel(transformer: torch.nn.Module, gang: Gang, uneven: bo
     """
     if gang.layout.sp == 1:
         return
+    # diffusers 0.42 gathers with funcol.all_gather_tensor, deprecated in torch 2.13: one warning
+    # per call and rank in the driver's log, about code cogdist does not own.
+    warnings.filterwarnings("ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning)
     plan = cp_plan(transformer)
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
