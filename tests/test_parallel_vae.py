@@ -7,45 +7,20 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderTiny
 
+from cogdist.models import cogvideox, cogview4
 from cogdist.parallel.group import Gang, Layout
 from cogdist.parallel.vae import apply_distributed_vae_decode
 from tests.distributed import run_gang
 
 
 def _autoencoder_kl() -> AutoencoderKL:
-    """The tiny CogView4 VAE (`cogdist.models.cogview4.build_tiny`): 64 px tiles of 8 latents."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            block_out_channels=(16, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            sample_size=64,
-        )
-    return vae.eval()
+    """The tiny CogView4 VAE: 64 px tiles of 8 latents."""
+    return cogview4.build_tiny(0).vae
 
 
 def _cogvideox_vae() -> AutoencoderKLCogVideoX:
-    """The tiny CogVideoX VAE (`cogdist.models.cogvideox.build_tiny`): 48x40 px tiles of 6x5 latents."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKLCogVideoX(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("CogVideoXDownBlock3D",) * 4,
-            up_block_types=("CogVideoXUpBlock3D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=2,
-            temporal_compression_ratio=4,
-            sample_height=96,
-            sample_width=80,
-        )
-    return vae.eval()
+    """The tiny CogVideoX VAE: 48x40 px tiles of 6x5 latents."""
+    return cogvideox.build_tiny("t2v", 0).vae
 
 
 # (VAE builder, latent shape, decoder calls per tile). The AutoencoderKL latents are a 128x192
