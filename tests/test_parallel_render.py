@@ -41,8 +41,9 @@ def _pipe(name: str):
     return family, place(family.load_pipeline(spec, torch.float32), CPU, settings)
 
 
-def _render(name: str, gang=None) -> tuple[np.ndarray, list[int]]:
-    """The render, and the rows x tokens this rank's transformer projected out in each pass."""
+def _render(name: str, gang=None) -> tuple[np.ndarray, list[int], int]:
+    """The render, the rows x tokens this rank's transformer projected out in each pass, and
+    how often this rank ran its text encoder (GLM-Image: its AR model)."""
     preset, task, frames, inputs, size = CASES[name]
     family, pipe = _pipe(name)
     if gang is not None:
@@ -51,9 +52,14 @@ def _render(name: str, gang=None) -> tuple[np.ndarray, list[int]]:
     pipe.transformer.proj_out.register_forward_hook(
         lambda module, args, out: passes.append(args[0].shape[0] * args[0].shape[1])
     )
+    # GLM-Image: its AR model (the pipeline itself embeds the empty negative glyphs on every
+    # rank, a few tokens); the others: their text encoder.
+    encoder = getattr(pipe, "vision_language_encoder", pipe.text_encoder)
+    encodes: list[int] = []
+    encoder.register_forward_hook(lambda module, args, out: encodes.append(1))
     item = WorkItem("x", "a red fox in the snow", None, 7, size, size, 3, 5.0, frames, "o", task=task)
     prepared = family.prepare_inputs(item, inputs) if hasattr(family, "prepare_inputs") else inputs
-    return family.render(pipe, [item], CPU, [prepared], gang=gang)[0], passes
+    return family.render(pipe, [item], CPU, [prepared], gang=gang)[0], passes, len(encodes)
 
 
 def renders(gang, names: list[str]) -> dict[str, tuple]:
@@ -74,7 +80,7 @@ def test_gang_render_matches_one_process(layout):
     gang_layout, names = LAYOUTS[layout]
     results = run_gang(gang_layout, renders, names)
     for name in names:
-        (single, single_passes), (sharded, gang_passes) = results[0][name]  # rank 0 writes the output
+        (single, single_passes, _), (sharded, gang_passes, encodes) = results[0][name]  # rank 0 writes
         assert sharded.shape == single.shape, name
         difference = np.abs(sharded.astype(int) - single.astype(int)).max()
         assert difference <= PIXELS, f"{name} on {layout}: max pixel difference {difference}"
@@ -82,3 +88,5 @@ def test_gang_render_matches_one_process(layout):
         # The work really was divided: a share of the tokens, and with CFG parallelism one of
         # the two passes (or half the batch [uncond; cond]) per step.
         assert sum(gang_passes) <= 0.75 * sum(single_passes), (name, gang_passes, single_passes)
+        # Prompts (and GLM-Image's AR prior) were encoded on rank 0 alone, then broadcast.
+        assert encodes > 0 and all(results[rank][name][1][2] == 0 for rank in results if rank), name
