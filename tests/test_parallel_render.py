@@ -9,6 +9,7 @@ from PIL import Image
 
 from cogdist.models import family_module
 from cogdist.models.registry import PRESETS
+from cogdist.parallel.broadcast import drop_first_rank_models
 from cogdist.parallel.group import Layout
 from cogdist.parallel.pipeline import parallelize
 from cogdist.work import WorkItem
@@ -32,31 +33,36 @@ CASES = {
 }
 
 
-def _pipe(name: str):
+def _pipe(name: str, gang=None):
+    """The pipeline as a worker sets it up (one process, or this rank of `gang`)."""
     preset, _, _, _, size = CASES[name]
     spec = PRESETS[preset]
     family = family_module(spec.family)
     tiling = spec.vae_tiling or size > 64  # "tiled": a 128 px CogView4 image is 4 VAE tiles
     settings = WorkerSettings(vae_tiling=tiling, vae_slicing=spec.vae_slicing)
-    return family, place(family.load_pipeline(spec, torch.float32), CPU, settings)
+    pipe = family.load_pipeline(spec, torch.float32)
+    drop_first_rank_models(pipe, gang, family.FIRST_RANK_MODELS)
+    pipe = place(pipe, CPU, settings)
+    if gang is not None:
+        parallelize(pipe, gang, family.CFG_PARALLEL)
+    return family, pipe
 
 
 def _render(name: str, gang=None) -> tuple[np.ndarray, list[int], int]:
     """The render, the rows x tokens this rank's transformer projected out in each pass, and
     how often this rank ran its text encoder (GLM-Image: its AR model)."""
     preset, task, frames, inputs, size = CASES[name]
-    family, pipe = _pipe(name)
-    if gang is not None:
-        parallelize(pipe, gang, family.CFG_PARALLEL)
+    family, pipe = _pipe(name, gang)
     passes: list[int] = []
     pipe.transformer.proj_out.register_forward_hook(
         lambda module, args, out: passes.append(args[0].shape[0] * args[0].shape[1])
     )
     # GLM-Image: its AR model (the pipeline itself embeds the empty negative glyphs on every
     # rank, a few tokens); the others: their text encoder.
-    encoder = getattr(pipe, "vision_language_encoder", pipe.text_encoder)
+    encoder = pipe.vision_language_encoder if hasattr(pipe, "vision_language_encoder") else pipe.text_encoder
     encodes: list[int] = []
-    encoder.register_forward_hook(lambda module, args, out: encodes.append(1))
+    if encoder is not None:  # dropped on ranks but the first
+        encoder.register_forward_hook(lambda module, args, out: encodes.append(1))
     item = WorkItem("x", "a red fox in the snow", None, 7, size, size, 3, 5.0, frames, "o", task=task)
     prepared = family.prepare_inputs(item, inputs) if hasattr(family, "prepare_inputs") else inputs
     return family.render(pipe, [item], CPU, [prepared], gang=gang)[0], passes, len(encodes)

@@ -147,6 +147,9 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
 CFG_PARALLEL = BATCHED
 """The pipeline calls the transformer once per step on the batch [uncond; cond]."""
 
+FIRST_RANK_MODELS = ("text_encoder",)
+"""Models that run only in rank 0's stages of a gang (see `render`)."""
+
 
 @torch.no_grad()
 def render(

@@ -104,6 +104,9 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> CogView4Pipeline:
 CFG_PARALLEL = PAIRED
 """The pipeline calls the transformer twice per step, conditional first."""
 
+FIRST_RANK_MODELS = ("text_encoder",)
+"""Models that run only in rank 0's stages of a gang (see `render`)."""
+
 
 @torch.no_grad()
 def render(

@@ -349,6 +349,10 @@ def generate_prior(
 CFG_PARALLEL = PAIRED
 """The pipeline calls the transformer twice per step, conditional first."""
 
+# The AR model: the pipeline embeds the empty negative glyphs itself on every rank.
+FIRST_RANK_MODELS = ("vision_language_encoder",)
+"""Models that run only in rank 0's stages of a gang (see `render`)."""
+
 
 @torch.no_grad()
 def render(

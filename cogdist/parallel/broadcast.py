@@ -36,3 +36,11 @@ def _to_cpu(value):
 
 def _to(value, device: torch.device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def drop_first_rank_models(pipe, gang: Gang | None, names: tuple[str, ...]) -> None:
+    """On every rank but the first, remove the models only first-rank stages use (CogView4's
+    9B GLM text encoder, GLM-Image's 9B AR model, CogVideoX's T5), before they reach a GPU."""
+    if gang is None or gang.is_writer:
+        return
+    pipe.register_modules(**dict.fromkeys(names))

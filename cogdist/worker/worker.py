@@ -88,6 +88,7 @@ class RenderWorker:
         import transformers
 
         from cogdist.models import family_module
+        from cogdist.parallel.broadcast import drop_first_rank_models
         from cogdist.parallel.group import Layout, init_gang
         from cogdist.parallel.pipeline import parallelize
 
@@ -115,6 +116,7 @@ class RenderWorker:
         # A family's own checks and fitting of decoded inputs (GLM-Image), or none.
         self.prepare_inputs = getattr(self.family, "prepare_inputs", None)
         pipe = self.family.load_pipeline(self.spec, getattr(torch, name))
+        drop_first_rank_models(pipe, self.gang, self.family.FIRST_RANK_MODELS)
         self.pipe = place(pipe, self.device, self.settings)
         if self.gang is not None:
             parallelize(self.pipe, self.gang, self.family.CFG_PARALLEL)
