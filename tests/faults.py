@@ -11,6 +11,7 @@ from pathlib import Path
 from ray import cloudpickle
 
 from cogdist.worker import RenderWorker
+from cogdist.worker.inputs import InputError
 
 
 class PoisonWorker(RenderWorker):
@@ -70,6 +71,20 @@ def hanging_member(marker_dir: Path, victim: str, rank: int) -> type:
             return super().render(unit)
 
     return HangingMember
+
+
+def unreadable_on_one_rank(marker_dir: Path, victim: str, rank: int) -> type:
+    """A gang member that cannot read `victim`'s input once (a transient error on its node)."""
+
+    class UnreadableOnOneRank(RenderWorker):
+        def _load(self, item):
+            marker = Path(marker_dir) / "unreadable"
+            if self.rank == rank and item.id == victim and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                raise InputError(f"cannot read the input of {item.id}: connection reset")
+            return super()._load(item)
+
+    return UnreadableOnOneRank
 
 
 def timed_worker(log_dir: Path, slow_width: int, slow_seconds: float) -> type:

@@ -10,7 +10,7 @@ from PIL import Image
 from cogdist import engine
 from cogdist.options import RenderOptions
 from tests.conftest import cli, read_table, write_manifest
-from tests.faults import dying_member, hanging_member
+from tests.faults import dying_member, hanging_member, unreadable_on_one_rank
 
 PIXELS = 2
 
@@ -134,3 +134,28 @@ def test_a_hung_gang_member_times_out_and_the_gang_is_rebuilt(ray_session, tmp_p
     assert (summary.done, summary.failed, summary.ok) == (3, 0, True)
     table, _ = read_table(str(out))
     assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
+
+
+def test_an_input_unreadable_on_one_rank_fails_the_row_on_every_rank(ray_session, tmp_path):
+    """The gang does not split over it (that would stall until the collective timeout): the row
+    fails as a row, is retried, and renders."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
+    out = tmp_path / "out"
+    worker = unreadable_on_one_rank(tmp_path, victim="g/1", rank=1)
+    options = RenderOptions(
+        str(manifest),
+        "tiny-cogview4",
+        str(out),
+        progress=False,
+        replicas=1,
+        sp=2,
+        steps=2,
+        max_retries=1,
+        collective_timeout=60,
+    )
+    summary = engine.run(options, worker_class=worker)
+    assert (tmp_path / "unreadable").exists(), "the fault was not injected"
+    assert (summary.done, summary.failed, summary.ok) == (3, 0, True)
+    table, _ = read_table(str(out))
+    assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
+    assert table.filter(ds.field("id") == "g/1").to_pylist()[0]["attempts"] == 2  # failed once, as a row

@@ -44,3 +44,10 @@ def drop_first_rank_models(pipe, gang: Gang | None, names: tuple[str, ...]) -> N
     if gang is None or gang.is_writer:
         return
     pipe.register_modules(**dict.fromkeys(names))
+
+
+def failed_on_any_rank(gang: Gang, failed: list[bool]) -> list[bool]:
+    """Per row: did it fail on any rank of the gang? (One small all-reduce.)"""
+    flags = torch.tensor(failed, dtype=torch.uint8, device=gang.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(flag) for flag in flags.tolist()]

@@ -147,14 +147,27 @@ class RenderWorker:
     def _render(self, unit: WorkUnit) -> UnitResult:
         start = time.perf_counter()
         results: dict[str, ItemResult] = {}
-        ready, inputs = [], []
+        loaded: dict[str, object] = {}
         for item in unit.items:
             try:
-                loaded = load_inputs(item)
-                inputs.append(self.prepare_inputs(item, loaded) if self.prepare_inputs else loaded)
-                ready.append(item)
+                inputs = self._load(item)
+                loaded[item.id] = self.prepare_inputs(item, inputs) if self.prepare_inputs else inputs
             except InputError as e:
                 results[item.id] = ItemResult(item.id, ok=False, error=str(e))
+        if self.gang is not None:
+            # Every rank must render the same rows: a row whose input failed on any rank (a
+            # transient read error on one node) fails on all of them, and is retried.
+            from cogdist.parallel.broadcast import failed_on_any_rank
+
+            for item, failed in zip(
+                unit.items, failed_on_any_rank(self.gang, [i.id in results for i in unit.items])
+            ):
+                if failed and item.id not in results:
+                    del loaded[item.id]
+                    error = "its input could not be read on another rank of the gang (see that worker's log)"
+                    results[item.id] = ItemResult(item.id, ok=False, error=error)
+        ready = [item for item in unit.items if item.id in loaded]
+        inputs = [loaded[item.id] for item in ready]
         if ready:
             if self.gang is None:
                 outputs = self.family.render(self.pipe, ready, self.device, inputs)
@@ -168,6 +181,10 @@ class RenderWorker:
             for result in written:
                 results[result.id] = replace(result, render_seconds=per_item) if result.ok else result
         return UnitResult(unit.unit_id, tuple(results[i.id] for i in unit.items), time.perf_counter() - start)
+
+    def _load(self, item: WorkItem):
+        """A row's decoded conditioning inputs (InputError when they cannot be read)."""
+        return load_inputs(item)
 
     def _write(self, item: WorkItem, pixels: np.ndarray) -> ItemResult:
         """Encode a whole output in memory, then store it (frames first, the indexed file last)."""
