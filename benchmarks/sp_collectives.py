@@ -4,7 +4,7 @@ the bytes each rank receives through collectives per pass, on the tiny presets o
     python benchmarks/sp_collectives.py [--passes 8]
 
 Each rank is a spawned process with one torch thread (the machine has 2 cores, so K = 2 uses both
-and K = 1 one). A one-row render's first transformer call is captured and replayed: the same
+and K = 1 one). A one-row render's first transformer call is captured (as the sequence-parallel tests do) and replayed: the same
 inputs at K = 1 and K = 2, in the uneven mode cogdist uses (and the even mode where the tokens
 divide). Bytes are counted by wrapping the collectives diffusers and cogdist call
 (`dist.all_gather`, `funcol.all_to_all_single`, `funcol.all_gather_tensor`): what this rank
@@ -19,7 +19,7 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,46 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, save  # noqa: E402
 from cogdist.parallel.group import Layout  # noqa: E402
 from tests.distributed import run_gang  # noqa: E402
+from tests.test_sequence_parallel import first_transformer_call  # noqa: E402
 
-# preset -> (task, width, height, frames): sizes large enough for a few hundred tokens.
+# preset -> (side, frames): sizes large enough for a few hundred tokens.
 ROWS = {
-    "tiny-cogview4": ("text-to-image", 256, 256, None),
-    "tiny-cogvideox": ("text-to-video", 128, 128, 17),
-    "tiny-glm-image": ("text-to-image", 256, 256, None),
+    "tiny-cogview4": (256, None),
+    "tiny-cogvideox": (128, 17),
+    "tiny-glm-image": (256, None),
 }
-
-
-class _Captured(Exception):
-    pass
-
-
-def first_call(preset: str):
-    import torch
-
-    from cogdist.models import family_module
-    from cogdist.models.registry import PRESETS
-    from cogdist.work import WorkItem
-    from cogdist.worker.inputs import Inputs
-
-    spec = PRESETS[preset]
-    family = family_module(spec.family)
-    pipe = family.load_pipeline(spec, torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    task, width, height, frames = ROWS[preset]
-    item = WorkItem(
-        "x", "a lighthouse at dusk, waves", None, 7, width, height, 2, 5.0, frames, "o", task=task
-    )
-    captured = {}
-
-    def capture(module, args, kwargs):
-        captured.update(kwargs=kwargs)
-        raise _Captured
-
-    pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
-    with suppress(_Captured):
-        family.render(pipe, [item], torch.device("cpu"), [Inputs()])
-    pipe.transformer._forward_pre_hooks.clear()
-    return pipe.transformer, captured["kwargs"]
+PROMPT = "a lighthouse at dusk, waves"
 
 
 @contextmanager
@@ -114,7 +83,8 @@ def measure(gang, passes: int, modes: list[tuple[str, bool]]) -> dict:
 
     results = {}
     for preset, uneven in modes:
-        transformer, kwargs = first_call(preset)
+        size, frames = ROWS[preset]
+        transformer, _, kwargs = first_transformer_call(preset, size, frames, PROMPT)
         apply_sequence_parallel(transformer, gang, uneven=uneven)
         times, received = [], []
         with torch.no_grad():

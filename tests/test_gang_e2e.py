@@ -98,64 +98,43 @@ def test_an_sp_the_model_cannot_take_is_refused_before_any_gang(tmp_path, flags,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("rank", [1, 0])
-def test_a_gang_member_killed_mid_render_rebuilds_the_gang(ray_session, tmp_path, rank):
-    manifest = write_manifest(tmp_path / "m.parquet", rows(5))
+def run_with_fault(tmp_path, worker: type, marker: str, n: int, **options):
+    """A 2-rank gang of `worker` renders n rows; returns (summary, index table) once the fault
+    has been injected (its marker file exists)."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(n))
     out = tmp_path / "out"
-    worker = dying_member(tmp_path, victim="g/2", rank=rank)
     options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, sp=2, steps=3, max_retries=0
+        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, sp=2, **options
     )
     summary = engine.run(options, worker_class=worker)
-    assert (tmp_path / "died").exists(), "the fault was not injected"
-    assert (summary.done, summary.failed, summary.ok) == (5, 0, True)
+    assert (tmp_path / marker).exists(), "the fault was not injected"
     table, _ = read_table(str(out))
+    return summary, table
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_gang_member_killed_mid_render_rebuilds_the_gang(ray_session, tmp_path, rank):
+    worker = dying_member(tmp_path, victim="g/2", rank=rank)
+    summary, table = run_with_fault(tmp_path, worker, "died", 5, steps=3, max_retries=0)
+    assert (summary.done, summary.failed, summary.ok) == (5, 0, True)
     assert sorted(table["id"].to_pylist()) == [f"g/{i}" for i in range(5)]
     assert table.filter(ds.field("id") == "g/2").to_pylist()[0]["attempts"] == 1  # a crash is no attempt
 
 
 def test_a_hung_gang_member_times_out_and_the_gang_is_rebuilt(ray_session, tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
-    out = tmp_path / "out"
     worker = hanging_member(tmp_path, victim="g/1", rank=1)
-    options = RenderOptions(
-        str(manifest),
-        "tiny-cogview4",
-        str(out),
-        progress=False,
-        replicas=1,
-        sp=2,
-        steps=2,
-        max_retries=0,
-        collective_timeout=5,
-    )
-    summary = engine.run(options, worker_class=worker)
-    assert (tmp_path / "hung").exists(), "the fault was not injected"
+    summary, table = run_with_fault(tmp_path, worker, "hung", 3, steps=2, max_retries=0, collective_timeout=5)
     assert (summary.done, summary.failed, summary.ok) == (3, 0, True)
-    table, _ = read_table(str(out))
     assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
 
 
 def test_an_input_unreadable_on_one_rank_fails_the_row_on_every_rank(ray_session, tmp_path):
     """The gang does not split over it (that would stall until the collective timeout): the row
     fails as a row, is retried, and renders."""
-    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
-    out = tmp_path / "out"
     worker = unreadable_on_one_rank(tmp_path, victim="g/1", rank=1)
-    options = RenderOptions(
-        str(manifest),
-        "tiny-cogview4",
-        str(out),
-        progress=False,
-        replicas=1,
-        sp=2,
-        steps=2,
-        max_retries=1,
-        collective_timeout=60,
+    summary, table = run_with_fault(
+        tmp_path, worker, "unreadable", 3, steps=2, max_retries=1, collective_timeout=60
     )
-    summary = engine.run(options, worker_class=worker)
-    assert (tmp_path / "unreadable").exists(), "the fault was not injected"
     assert (summary.done, summary.failed, summary.ok) == (3, 0, True)
-    table, _ = read_table(str(out))
     assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
     assert table.filter(ds.field("id") == "g/1").to_pylist()[0]["attempts"] == 2  # failed once, as a row

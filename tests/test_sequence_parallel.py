@@ -30,14 +30,17 @@ class _Captured(Exception):
     pass
 
 
-def first_transformer_call(preset: str) -> tuple:
-    """(transformer, args, kwargs) of the first denoising call of a one-row render."""
+def first_transformer_call(
+    preset: str, size: int = 64, frames: int | None = None, prompt: str = "a red fox in the snow"
+) -> tuple:
+    """(transformer, args, kwargs) of the first denoising call of a one-row render (also used by
+    benchmarks/sp_collectives.py)."""
     spec = PRESETS[preset]
     family = family_module(spec.family)
     pipe = family.load_pipeline(spec, torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    task, frames = CASES[preset]
-    item = WorkItem("x", "a red fox in the snow", None, 7, 64, 64, 2, 6.0, frames, "o", task=task)
+    task, default_frames = CASES[preset]
+    item = WorkItem("x", prompt, None, 7, size, size, 2, 6.0, frames or default_frames, "o", task=task)
     captured = {}
 
     def capture(module, args, kwargs):

@@ -26,6 +26,10 @@ BATCHED = "batched"
 PAIRED = "paired"
 
 
+def _never(kwargs: dict) -> bool:
+    return False
+
+
 class CfgParallel:
     """The forward wrapper installed on a transformer by `apply_cfg_parallel`."""
 
@@ -35,7 +39,7 @@ class CfgParallel:
         self.mode = mode
         self.group = gang.cfg_group()
         self.uncond: Callable[[dict], dict] | None = None
-        self.passthrough: Callable[[dict], bool] = lambda kwargs: False
+        self.passthrough: Callable[[dict], bool] = _never
         self.stored: tuple | None = None
 
     def __call__(self, *args, **kwargs):
@@ -93,7 +97,7 @@ def apply_cfg_parallel(transformer: torch.nn.Module, gang: Gang, mode: str) -> C
 def pairing(
     transformer: torch.nn.Module,
     uncond: Callable[[dict], dict],
-    passthrough: Callable[[dict], bool] = lambda kwargs: False,
+    passthrough: Callable[[dict], bool] | None = None,
 ) -> Iterator[None]:
     """Within one pipeline call with guidance: `uncond(kwargs)` turns a conditional call's
     arguments into the unconditional one's; `passthrough(kwargs)` marks calls outside the pairs
@@ -102,9 +106,8 @@ def pairing(
     if wrapper is None or wrapper.mode != PAIRED:
         yield
         return
-    wrapper.uncond, wrapper.passthrough, wrapper.stored = uncond, passthrough, None
+    wrapper.uncond, wrapper.passthrough, wrapper.stored = uncond, passthrough or _never, None
     try:
         yield
     finally:
-        wrapper.uncond, wrapper.stored = None, None
-        wrapper.passthrough = lambda kwargs: False
+        wrapper.uncond, wrapper.passthrough, wrapper.stored = None, _never, None

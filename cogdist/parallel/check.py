@@ -15,6 +15,12 @@ def image_tokens(width: int, height: int) -> int:
     return (width // TOKEN_PIXELS) * (height // TOKEN_PIXELS)
 
 
+def heads_split(heads: int, sp: int) -> bool:
+    """Whether Ulysses can split `heads` over `sp` ranks: evenly, or in the uneven mode, which pads
+    the heads up to a multiple of sp and allows less padding than one rank's share."""
+    return heads % sp == 0 or sp - heads % sp < math.ceil(heads / sp)
+
+
 def check_layout(spec: ModelSpec, sp: int, cfg_parallel: bool, gpus_per_node: float = 0.0) -> None:
     """Raise UsageError when `spec` cannot be split `sp` ways (x2 with CFG parallelism)."""
     if sp < 1:
@@ -33,18 +39,13 @@ def check_layout(spec: ModelSpec, sp: int, cfg_parallel: bool, gpus_per_node: fl
             raise UsageError(
                 f"--sp {sp}: {spec.name} has {heads} attention heads; Ulysses splits heads, so --sp <= {heads}"
             )
-        if heads % sp:
-            # The uneven mode pads the heads up to a multiple of sp; diffusers allows less padding
-            # than one rank's share.
-            padding, share = sp - heads % sp, math.ceil(heads / sp)
-            if padding >= share:
-                allowed = [
-                    k for k in range(2, heads + 1) if heads % k == 0 or k - heads % k < math.ceil(heads / k)
-                ]
-                raise UsageError(
-                    f"--sp {sp}: {spec.name}'s {heads} attention heads do not split {sp} ways "
-                    f"(would pad {padding} heads onto shares of {share}); try --sp in {allowed[:8]}"
-                )
+        if not heads_split(heads, sp):
+            allowed = [k for k in range(2, heads + 1) if heads_split(heads, k)]
+            raise UsageError(
+                f"--sp {sp}: {spec.name}'s {heads} attention heads do not split {sp} ways "
+                f"(would pad {sp - heads % sp} heads onto shares of {math.ceil(heads / sp)}); "
+                f"try --sp in {allowed[:8]}"
+            )
     rule = spec.sizes
     width, height = min(rule.only) if rule.only else (rule.min_side, rule.min_side)
     tokens = image_tokens(width, height)

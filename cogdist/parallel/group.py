@@ -65,11 +65,6 @@ class Gang:
         assert self.mesh is not None
         return self.mesh["cfg"].get_group()
 
-    def sp_mesh(self) -> DeviceMesh:
-        """The ("ring", "ulysses") part of this rank's CFG half, as diffusers' config wants it."""
-        assert self.mesh is not None
-        return self.mesh
-
 
 def rendezvous_address() -> tuple[str, int]:
     """An address and free port on this node for rank 0 to host the group's store."""

@@ -195,7 +195,9 @@ def cp_plan(transformer: torch.nn.Module) -> dict:
 
 
 def context_parallel_config(gang: Gang, uneven: bool) -> ContextParallelConfig:
-    return ContextParallelConfig(ulysses_degree=gang.layout.sp, ulysses_anything=uneven, mesh=gang.sp_mesh())
+    # The whole ("cfg", "ring", "ulysses") mesh: diffusers takes the ("ring", "ulysses") slice of
+    # this rank's CFG half from it.
+    return ContextParallelConfig(ulysses_degree=gang.layout.sp, ulysses_anything=uneven, mesh=gang.mesh)
 
 
 def apply_sequence_parallel(transformer: torch.nn.Module, gang: Gang, uneven: bool = False) -> None:
@@ -220,7 +222,7 @@ def apply_sequence_parallel(transformer: torch.nn.Module, gang: Gang, uneven: bo
 
     def resolve(_config) -> ParallelConfig:
         # diffusers' resolver picks the device as rank % accelerator count, which is 0 on a CPU.
-        config.setup(gang.rank, gang.world_size, gang.device, mesh=gang.sp_mesh())
+        config.setup(gang.rank, gang.world_size, gang.device, mesh=gang.mesh)
         transformer._parallel_config = config
         return config
 

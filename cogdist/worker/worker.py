@@ -169,12 +169,11 @@ class RenderWorker:
         ready = [item for item in unit.items if item.id in loaded]
         inputs = [loaded[item.id] for item in ready]
         if ready:
-            if self.gang is None:
-                outputs = self.family.render(self.pipe, ready, self.device, inputs)
-            else:
-                outputs = self.family.render(self.pipe, ready, self.device, inputs, gang=self.gang)
-                if not self.gang.is_writer:  # rank 0 writes; the others return nothing large
-                    return UnitResult(unit.unit_id, (), time.perf_counter() - start)
+            outputs = self.family.render(self.pipe, ready, self.device, inputs, gang=self.gang)
+            if (
+                self.gang is not None and not self.gang.is_writer
+            ):  # rank 0 writes; the rest return nothing large
+                return UnitResult(unit.unit_id, (), time.perf_counter() - start)
             written = [self._write(item, pixels) for item, pixels in zip(ready, outputs)]
             # A row's render time: its share of the unit, inputs, rendering, encoding and upload included.
             per_item = (time.perf_counter() - start) / len(ready)
