@@ -20,6 +20,10 @@ from cogdist.storage import Location, open_location
 
 _GLOB_CHARS = "*?["
 BATCH_ROWS = 65_536
+# What a corrupt or truncated file raises: besides ArrowInvalid and OSError, a damaged footer
+# gives ArrowNotImplementedError ("Integers with more than 64 bits") or, for column names that
+# are not UTF-8, UnicodeDecodeError (a ValueError).
+_UNREADABLE = (pa.ArrowException, OSError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class ManifestSource:
             try:
                 meta = pq.ParquetFile(self.location.fs.open_input_file(path)).metadata
                 file_schema = meta.schema.to_arrow_schema()
-            except (pa.ArrowInvalid, OSError) as e:
+            except _UNREADABLE as e:
                 problems.append(ManifestProblem(f"not a readable Parquet file ({e})", file=name))
                 continue
             if schema is None:
@@ -89,8 +93,19 @@ class ManifestSource:
                 for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
                     yield ManifestBatch(file, first_row, batch)
                     first_row += batch.num_rows
-            except (pa.ArrowInvalid, OSError) as e:
+            except _UNREADABLE as e:
                 raise ManifestError([ManifestProblem(f"cannot be read: {e}", file=file.name)]) from e
+            if first_row != file.num_rows:
+                # Seen with damaged footers: pyarrow reads fewer rows (even none) without an error.
+                # Validation reads every batch, so this stops a run before it silently skips rows.
+                raise ManifestError(
+                    [
+                        ManifestProblem(
+                            f"cannot be read: its footer says {file.num_rows} rows, {first_row} could be read",
+                            file=file.name,
+                        )
+                    ]
+                )
 
 
 def _columns(schema: pa.Schema) -> str:

@@ -3,10 +3,17 @@
 Checks are vectorised with pyarrow.compute, one record batch at a time; Python only touches the
 rows that fail, to word their message. Duplicate ids are found across all files from the id
 column alone, so memory grows with the ids, never with the prompts.
+
+Conditioning inputs (`image`, `video`) are read by the workers with the job's own credentials,
+so a manifest may name an object but never how to reach it: URIs carrying credentials, query
+options (`?endpoint_override=...`) or a scheme other than file://, s3://, s3a://, gs:// are
+refused, and their values are shown redacted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,8 +24,13 @@ import pyarrow.compute as pc
 from cogdist.errors import ManifestError, ManifestProblem
 from cogdist.manifest.source import ManifestBatch, ManifestSource
 from cogdist.models.registry import TASK_INPUT, VIDEO_TO_VIDEO, ModelSpec
+from cogdist.storage import redact
 
 MAX_REPORTED = 20
+INT64_MAX = 2**63 - 1
+# The CogVideoX schedulers refuse more steps than their 1000 training timesteps, and no sampler
+# of these models needs more; a larger count would hold a GPU for days or exhaust its memory.
+MAX_STEPS = 1000
 
 STRING, INTEGER, NUMBER = "string", "integer", "number"
 
@@ -47,6 +59,8 @@ RESERVED = (
     "path",
     "model",
     "format",
+    "bytes",
+    "sha256",
     "render_seconds",
     "finished_at",
     "attempts",
@@ -63,6 +77,17 @@ _KIND_CHECK: dict[str, Callable[[pa.DataType], bool]] = {
 
 
 _NULL_AS = {STRING: pa.string(), INTEGER: pa.int64(), NUMBER: pa.float64()}
+
+# Input URIs a manifest may name (anything without "://" is a local path, as in cogdist.storage):
+# a bucket and a key, or a local file; nothing that picks an endpoint, credentials or options.
+# The same rule twice: as an RE2 pattern for whole columns, and in Python (_uri_problem) to word
+# the rows it refuses. ASCII classes, not (?i): case folding would accept "ſ3://".
+INPUT_SCHEMES = ("file", "s3", "s3a", "gs")
+_BUCKET = re.compile(r"[A-Za-z0-9._-]+")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_ACCEPTED_URI = (
+    r"^(?:(?:[Ss]3[Aa]?|[Gg][Ss])://[A-Za-z0-9._-]+|[Ff][Ii][Ll][Ee]://(?:localhost)?)(?:/[^?#]*)?$"
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +115,10 @@ def check_schema(schema: pa.Schema) -> list[ManifestProblem]:
                     "is a name cogdist writes into the index; rename this column", column=field.name
                 )
             )
-    if schema.get_field_index("id") >= 0 and len(schema.get_all_field_indices("id")) > 1:
-        problems.append(ManifestProblem("appears more than once", column="id"))
+    # Columns are read and carried into the index by name: a repeated name is ambiguous.
+    for name in dict.fromkeys(schema.names):
+        if len(schema.get_all_field_indices(name)) > 1:
+            problems.append(ManifestProblem("appears more than once", column=name))
     return problems
 
 
@@ -101,17 +128,18 @@ def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationRepo
     if problems:
         raise ManifestError(problems)
 
-    columns = [c for c in COLUMNS if c in source.schema.names]
     found: list[ManifestProblem] = []
     total = 0
     ids, files, rows = [], [], []
     file_numbers = {f.path: i for i, f in enumerate(source.files)}
-    for part in source.batches(columns=columns):
-        count, batch_problems = _check_batch(part, spec, MAX_REPORTED - len(found))
-        total += count
-        found.extend(batch_problems)
+    # Every column is read, not only cogdist's: a string that is not valid UTF-8 (writers other
+    # than Arrow's do not all check) in any column would otherwise fail the render, not the check.
+    for part in source.batches():
+        check = _check_batch(part, spec, MAX_REPORTED - len(found))
+        total += check.count
+        found.extend(check.problems)
         n = part.batch.num_rows
-        ids.append(part.batch.column("id"))
+        ids.append(check.ids_for_duplicates)
         files.append(pa.array(np.full(n, file_numbers[part.file.path], dtype=np.int32)))
         rows.append(pa.array(np.arange(part.first_row, part.first_row + n, dtype=np.int64)))
     if ids:
@@ -126,23 +154,63 @@ def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationRepo
 
 
 class _BatchChecker:
-    """Collects the failing rows of one batch: counts all, words at most `limit`."""
+    """Collects the failing rows of one batch: counts all, words at most `limit`.
+
+    cogdist's columns are normalised first (integers to int64, numbers to float64, all-null
+    columns to their kind's type), so that every later check is one kernel on one type (an int8
+    width cannot be filled with a default of 720, a float16 has no comparison kernel). Unsigned
+    values beyond int64 are flagged here, once, then read as null; strings of any column that are
+    not UTF-8 (Python could not even print them) are flagged here too.
+    """
 
     def __init__(self, part: ManifestBatch, limit: int):
         self.part = part
         self.limit = limit
         self.count = 0
         self.problems: list[ManifestProblem] = []
-        self.ids = part.batch.column("id")
+        self.raw_ids = part.batch.column("id")
+        self.invalid_text: dict[str, pa.Array] = {}  # column -> rows that are not valid UTF-8
+        self.columns: dict[str, pa.Array] = {}
+        for index, field in enumerate(part.batch.schema):
+            self.columns[field.name] = self._normalise(field.name, part.batch.column(index))
+        self.ids = self.columns["id"]
+        bad_text = self.invalid_text.get("id")
+        # Rows flagged for an id that is not text are left out of the duplicate search.
+        self.ids_for_duplicates = self.ids if bad_text is None else pc.if_else(bad_text, None, self.ids)
+
+    def _normalise(self, name: str, values: pa.Array) -> pa.Array:
+        bad_text = _invalid_utf8(values)
+        if bad_text is not None:
+            self.invalid_text[name] = bad_text
+            self.flag(bad_text, name, "is not valid UTF-8 text")
+        kind = COLUMNS.get(name)
+        if kind is None:
+            return values
+        if pa.types.is_null(values.type):  # an all-null column: give it its kind's type
+            return pc.cast(values, _NULL_AS[kind])
+        if kind == INTEGER and values.type != pa.int64():
+            if values.type == pa.uint64():
+                too_big = pc.greater(values, pa.scalar(INT64_MAX, pa.uint64()))
+                self.flag(too_big, name, f"is larger than {INT64_MAX} (the index stores int64)")
+                values = pc.if_else(too_big, None, values)
+            return pc.cast(values, pa.int64())
+        if kind == NUMBER and values.type != pa.float64():
+            # int64 beyond 2**53 loses precision as a float: fine for a range check.
+            return pc.cast(values, pa.float64(), safe=False)
+        return values
 
     def column(self, name: str) -> pa.Array | None:
+        return self.columns.get(name)
+
+    def value(self, column: str, index: int) -> object:
+        """Row `index`'s value of `column` as the manifest holds it, safe to print."""
         names = self.part.batch.schema.names
-        if name not in names:
+        if column not in names:
             return None
-        values = self.part.batch.column(name)
-        if pa.types.is_null(values.type):  # an all-null column: give it its kind's type
-            values = pc.cast(values, _NULL_AS[COLUMNS.get(name, STRING)])
-        return values
+        value = _as_py(self.part.batch.column(column), index)
+        if column in ("image", "video") and isinstance(value, str):
+            value = _public_uri(value)  # may hold credentials
+        return value
 
     def flag(self, mask: pa.Array, column: str, reason: Callable[[int], str] | str) -> None:
         mask = pc.fill_null(mask, False)
@@ -153,22 +221,110 @@ class _BatchChecker:
         room = self.limit - len(self.problems)
         if room <= 0:
             return
-        values = self.column(column)
         for index in pc.indices_nonzero(mask)[:room].to_pylist():
-            value = values[index].as_py() if values is not None else None
+            item_id = _as_py(self.raw_ids, index)
             self.problems.append(
                 ManifestProblem(
                     reason if isinstance(reason, str) else reason(index),
                     file=self.part.file.name,
                     row=self.part.first_row + index,
-                    id=self.ids[index].as_py(),
+                    id=item_id if isinstance(item_id, str) else None,
                     column=column,
-                    value=value,
+                    value=self.value(column, index),
                 )
             )
 
 
-def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int, list[ManifestProblem]]:
+def _invalid_utf8(values: pa.Array) -> pa.Array | None:
+    """Rows of `values` holding a string that is not valid UTF-8 (also nested), or None."""
+    try:
+        values.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        pass
+    # Rare and only for a broken batch: find the rows one by one.
+    bad = []
+    for i in range(len(values)):
+        try:
+            values.slice(i, 1).validate(full=True)
+            bad.append(False)
+        except pa.ArrowInvalid:
+            bad.append(True)
+    return pa.array(bad, pa.bool_())
+
+
+def _as_py(values: pa.Array, index: int) -> object:
+    try:
+        return values[index].as_py()
+    except UnicodeDecodeError:  # not valid UTF-8: show the bytes as far as they decode
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            raw = pc.cast(values.slice(index, 1), pa.large_binary())[0].as_py()
+            return raw.decode("utf-8", "backslashreplace")
+        return "<not valid UTF-8>"
+
+
+def _public_uri(uri: str) -> str:
+    """`uri` as a message may show it: more than storage.redact masks, since a refused URI may be
+    malformed anywhere: user info, every query value and any fragment; all of it when what
+    precedes "://" is not even a scheme."""
+    if "://" not in uri:
+        return uri
+    scheme, _, rest = uri.partition("://")
+    if not _SCHEME.fullmatch(scheme):
+        return "***"
+    with contextlib.suppress(ValueError):  # urllib refuses some malformed hosts ("["): mask below
+        rest = redact(uri).partition("://")[2]
+    cut = re.search(r"[/?#]", rest)
+    host, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    tail, hash_, _ = tail.partition("#")
+    path, question, query = tail.partition("?")
+    if question:
+        path += "?" + "&".join(f"{item.partition('=')[0]}=***" for item in query.split("&"))
+    return f"{scheme}://{host}{path}" + ("#***" if hash_ else "")
+
+
+def _uri_problem(uri: str) -> str | None:
+    """Why a manifest may not name `uri` as an input, or None; the rule of _ACCEPTED_URI, worded.
+    Reasons quote nothing of the URI but a well-formed scheme: the value is shown masked."""
+    if "://" not in uri:
+        return None  # a local path
+    scheme, _, rest = uri.partition("://")
+    host = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    kind = scheme.lower() if scheme.isascii() else scheme
+    if kind not in INPUT_SCHEMES:
+        what = (
+            f"{scheme!r} is not a scheme" if _SCHEME.fullmatch(scheme) else "what precedes '://' is no scheme"
+        )
+        return f"{what} cogdist reads inputs from; use a local path, file://, s3://, s3a:// or gs://"
+    if "@" in host:
+        return (
+            "carries credentials (user:password@); inputs are read with the job's own credentials, "
+            "so a manifest may not name others"
+        )
+    if "?" in rest:
+        return (
+            "carries query options ('?...'); a manifest may not choose the endpoint, credentials "
+            "or other storage options of an input: they are the job's own"
+        )
+    if "#" in rest:
+        return "has a '#' fragment, which would be dropped from the object's name"
+    if kind == "file":
+        if host not in ("", "localhost"):
+            return "a file:// URI names no host; write file:///absolute/path"
+        return None
+    if not host:
+        return f"names no bucket; write {kind}://bucket/key"
+    if not _BUCKET.fullmatch(host):
+        return (
+            "its bucket name holds a port or other characters a bucket name cannot hold; "
+            f"write {kind}://bucket/key (the endpoint is the job's own)"
+        )
+    return None
+
+
+def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> _BatchChecker:
     check = _BatchChecker(part, limit)
     n = part.batch.num_rows
     ids = check.ids
@@ -218,9 +374,10 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
     steps = check.column("num_inference_steps")
     if steps is not None:
         check.flag(pc.less_equal(steps, 0), "num_inference_steps", "must be a positive integer")
+        check.flag(pc.greater(steps, MAX_STEPS), "num_inference_steps", f"must be at most {MAX_STEPS}")
 
     guidance = check.column("guidance_scale")
-    if guidance is not None and pa.types.is_floating(guidance.type):
+    if guidance is not None:
         check.flag(pc.invert(pc.is_finite(guidance)), "guidance_scale", "must be a finite number")
 
     for name in CONDITIONING:
@@ -234,16 +391,14 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
     has_video = _nonempty(check.column("video") if "video" in spec.conditioning else None, n)
     if spec.conditioning:
         _check_tasks(check, spec, has_image, has_video)
+        _check_input_uris(check, spec)
 
     fps = check.column("fps")
     if fps is not None:
         if spec.kind == "image":
             check.flag(pc.is_valid(fps), "fps", f"{spec.name} makes images; fps is for video models")
         else:
-            as_float = pc.cast(fps, pa.float64())
-            check.flag(
-                pc.invert(pc.and_(pc.is_finite(as_float), pc.greater(as_float, 0))), "fps", "must be > 0"
-            )
+            check.flag(pc.invert(pc.and_(pc.is_finite(fps), pc.greater(fps, 0))), "fps", "must be > 0")
 
     frames = check.column("num_frames")
     if frames is not None and spec.kind == "image":
@@ -252,7 +407,7 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> tuple[int,
         )
     elif spec.frames is not None and (frames is not None or spec.num_frames is not None):
         _check_frames(check, spec, frames, has_video)
-    return check.count, check.problems
+    return check
 
 
 def _nonempty(values: pa.Array | None, n: int) -> np.ndarray:
@@ -290,7 +445,7 @@ def _check_tasks(check: _BatchChecker, spec: ModelSpec, has_image: np.ndarray, h
             check.flag(pa.array(mask), column, reason)
     strength = check.column("strength")
     if strength is not None:
-        finite = pc.is_finite(pc.cast(strength, pa.float64()))
+        finite = pc.is_finite(strength)
         in_range = pc.and_(pc.greater(strength, 0), pc.less_equal(strength, 1))
         check.flag(pc.invert(pc.and_(finite, in_range)), "strength", "must be in (0, 1]")
         if VIDEO_TO_VIDEO in spec.tasks:
@@ -298,6 +453,23 @@ def _check_tasks(check: _BatchChecker, spec: ModelSpec, has_image: np.ndarray, h
             check.flag(
                 without_video, "strength", "applies to video-to-video rows only (this row has no 'video')"
             )
+
+
+def _check_input_uris(check: _BatchChecker, spec: ModelSpec) -> None:
+    """An input names a local file or an object; how to reach it is the job's business alone."""
+    for name in ("image", "video"):
+        values = check.column(name)
+        if values is None or name not in spec.conditioning:
+            continue
+        is_uri = pc.match_substring(values, "://")
+        accepted = pc.match_substring_regex(values, _ACCEPTED_URI)
+
+        def reason(i: int, name: str = name) -> str:
+            text = _as_py(check.part.batch.column(name), i)
+            problem = _uri_problem(text) if isinstance(text, str) else None
+            return problem or "is not an input URI cogdist reads"
+
+        check.flag(pc.and_(is_uri, pc.invert(accepted)), name, reason)
 
 
 def _check_frames(
