@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from cogdist.errors import ModelError
 from cogdist.models import cogview4
 from cogdist.models.registry import PRESETS, resolve_model
 from cogdist.work import WorkItem
@@ -128,7 +130,29 @@ def test_saved_pipeline_loads_through_from_pretrained_and_renders_the_same(pipe,
 
 
 def test_loading_refuses_pickle_checkpoints(tmp_path, pipe):
+    folder = tmp_path / "pickled"
+    pipe.save_pretrained(folder, safe_serialization=False)
+    assert (folder / "transformer" / "diffusion_pytorch_model.bin").exists()
+    refusal = (
+        r"only pickle weights for transformer, vae \(transformer/diffusion_pytorch_model.bin"
+        r".*--allow-pickle-weights"
+    )
+    with pytest.raises(ModelError, match=refusal):
+        resolve_model(str(folder))
+    # The worker checks the files again: a spec that did not opt in cannot load them.
+    spec = resolve_model(str(folder), allow_pickle=True)
+    assert spec.allow_pickle
+    with pytest.raises(ModelError, match=refusal):
+        cogview4.load_pipeline(replace(spec, allow_pickle=False), torch.float32)
+
+
+def test_pickle_checkpoints_load_with_the_opt_in_and_render_the_same(tmp_path, pipe):
     pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
-    spec = resolve_model(str(tmp_path / "pickled"))
-    with pytest.raises(Exception, match="safetensors"):
-        cogview4.load_pipeline(spec, torch.float32)
+    loaded = cogview4.load_pipeline(
+        resolve_model(str(tmp_path / "pickled"), allow_pickle=True), torch.float32
+    )
+    assert weights_digest(loaded) == weights_digest(pipe)
+    row = item("x", "a paper crane", 5)
+    np.testing.assert_array_equal(
+        cogview4.render(loaded, [row], CPU)[0], cogview4.render(pipe, [row], CPU)[0]
+    )

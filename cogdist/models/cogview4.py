@@ -98,7 +98,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> CogView4Pipeline:
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
         return pipe
-    return from_pretrained(CogView4Pipeline, spec.source, dtype)
+    return from_pretrained(CogView4Pipeline, spec, dtype)
 
 
 CFG_PARALLEL = PAIRED

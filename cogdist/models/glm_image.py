@@ -253,7 +253,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> GlmImagePipeline:
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
         return pipe
-    pipe = from_pretrained(GlmImagePipeline, spec.source, dtype)
+    pipe = from_pretrained(GlmImagePipeline, spec, dtype)
     ensure_i2i_compat(pipe)
     return pipe
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cogdist.errors import ModelError
+from cogdist.models.trust import check_folder_index, check_index
 
 # Tasks, and the input column each one needs (None: the prompt alone).
 TEXT_TO_IMAGE = "text-to-image"
@@ -171,6 +172,10 @@ class ModelSpec:
     negative_prompt: bool = True
     """Whether the pipeline takes a negative prompt (GLM-Image has none)."""
     description: str = ""
+    allow_pickle: bool = False
+    """Load .bin/.pt pickle weights of a component that has no safetensors (--allow-pickle-weights)."""
+    trust_remote_code: bool = False
+    """Let diffusers import Python code that ships with the checkpoint (--trust-remote-code)."""
 
     @property
     def conditioning(self) -> frozenset[str]:
@@ -534,10 +539,16 @@ _FROM_CONFIGS = {
 }
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """Turn a MODEL argument into a ModelSpec, or raise ModelError saying what was tried."""
+def resolve_model(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelSpec:
+    """Turn a MODEL argument into a ModelSpec, or raise ModelError saying what was tried.
+
+    A checkpoint whose loading would import code that ships with it, or (a folder) unpickle its
+    weights, is refused unless the matching opt-in is given; the spec carries the opt-ins to the
+    workers, which check the files again before loading (`cogdist.models.trust`).
+    """
+    opt_ins = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     if name in PRESETS:
-        return PRESETS[name]
+        return replace(PRESETS[name], **opt_ins)
     folder = name[len("file://") :] if name.startswith("file://") else name
     if os.path.isdir(folder):
         folder = os.path.abspath(folder)
@@ -548,16 +559,22 @@ def resolve_model(name: str) -> ModelSpec:
             with open(os.path.join(folder, rel)) as f:
                 return json.load(f)
 
-        return spec_from_index(name, folder, read_local)
+        spec = spec_from_index(name, folder, read_local, trust_remote_code=trust_remote_code)
+        check_folder_index(name, folder, **opt_ins)
+        return replace(spec, **opt_ins)
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return spec_from_index(name, name, _hub_reader(name))
+        return replace(
+            spec_from_index(name, name, _hub_reader(name), trust_remote_code=trust_remote_code), **opt_ins
+        )
     raise ModelError(
         f"unknown model {name!r}: not a preset (run `cogdist models`), not a folder with "
         "model_index.json, and not a Hugging Face repo id (owner/name)"
     )
 
 
-def spec_from_index(name: str, source: str, read: Callable[[str], dict]) -> ModelSpec:
+def spec_from_index(
+    name: str, source: str, read: Callable[[str], dict], *, trust_remote_code: bool = False
+) -> ModelSpec:
     """The spec of a checkpoint that is not a preset, from its configs (`read(rel) -> dict`)."""
     try:
         index = read("model_index.json")
@@ -565,6 +582,7 @@ def spec_from_index(name: str, source: str, read: Callable[[str], dict]) -> Mode
         raise
     except Exception as e:  # JSON or I/O trouble: say which file
         raise ModelError(f"cannot read model_index.json of {name}: {e}") from e
+    check_index(name, index, trust_remote_code=trust_remote_code)
     class_name = index.get("_class_name", "")
     if class_name not in PIPELINE_FAMILIES:
         known = ", ".join(sorted(PIPELINE_FAMILIES))
