@@ -11,6 +11,8 @@ from dataclasses import asdict
 
 from cogdist import __version__
 from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, CogdistError
+from cogdist.storage import RETRY_SECONDS
+from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
 
 EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorded under OUT/failures)
 or the run stopped; 2 refused before rendering (bad manifest, options or conflicting resume);
@@ -25,6 +27,22 @@ def _add_model_defaults(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=float, help="default guidance_scale")
     group.add_argument("--frames", type=int, help="default num_frames (video models)")
     group.add_argument("--fps", type=float, help="default frames per second of the MP4s (video models)")
+
+
+def _add_trust_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "checkpoints you trust (off: safetensors only, no code from the checkpoint)"
+    )
+    group.add_argument(
+        "--allow-pickle-weights",
+        action="store_true",
+        help="load .bin/.pt pickle weights (can run code when loaded; only for checkpoints you trust)",
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let diffusers import Python code that ships with the checkpoint (only for code you trust)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,13 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--retry-failed", action="store_true", help="render rows recorded under failures/ again"
     )
+    render.add_argument(
+        "--storage-timeout",
+        type=float,
+        default=RETRY_SECONDS,
+        help=f"seconds reads and writes of OUT are retried before the run stops (default {RETRY_SECONDS:.0f})",
+    )
+    render.add_argument(
+        "--step-checkpoint",
+        type=int,
+        metavar="N",
+        help="video models: save the denoising state every N steps so a killed item resumes mid-way "
+        f"(default: every {CHECKPOINT_SECONDS:.0f}s of an item's denoising; 0: never)",
+    )
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_defaults(render)
+    _add_trust_options(render)
 
     validate = commands.add_parser("validate", help="check a manifest against a model without rendering")
     validate.add_argument("manifest")
     validate.add_argument("--model", required=True)
     _add_model_defaults(validate)
+    _add_trust_options(validate)
 
     status = commands.add_parser("status", help="done / failed (and pending, given the manifest) of an OUT")
     status.add_argument("out")
@@ -134,6 +167,8 @@ def _render(args: argparse.Namespace) -> int:
         sp=args.sp,
         cfg_parallel=args.cfg_parallel,
         collective_timeout=args.collective_timeout,
+        storage_timeout=args.storage_timeout,
+        step_checkpoint=args.step_checkpoint,
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,
         max_retries=args.max_retries,
@@ -155,6 +190,8 @@ def _render(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
         vae_slicing=args.vae_slicing,
         cpu_offload=args.cpu_offload,
+        allow_pickle=args.allow_pickle_weights,
+        trust_remote_code=args.trust_remote_code,
     )
     print(summary.describe())
     return summary.exit_code
@@ -172,6 +209,8 @@ def _validate(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         frames=args.frames,
         fps=args.fps,
+        allow_pickle=args.allow_pickle_weights,
+        trust_remote_code=args.trust_remote_code,
     )
     print(f"ok: {report.rows} rows in {report.files} file(s) can be rendered with {args.model}")
     return EXIT_OK

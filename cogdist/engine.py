@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangBroken, GangError
+from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangBroken, GangError, StorageError
 from cogdist.executor.cluster import Cluster, connect, disconnect
 from cogdist.executor.gang import Gang, GangSpec, GangState, RestartPolicy
 from cogdist.manifest import ManifestSource, validate_manifest
@@ -103,7 +103,9 @@ class Plan:
 def plan(options: RenderOptions) -> Plan:
     """Resolve the model and check options and manifest; writes nothing."""
     spec = with_defaults(
-        resolve_model(options.model),
+        resolve_model(
+            options.model, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code
+        ),
         width=options.width,
         height=options.height,
         num_inference_steps=options.steps,
@@ -115,7 +117,7 @@ def plan(options: RenderOptions) -> Plan:
     options = options.resolved(spec)
     source = ManifestSource(options.manifest)
     validate_manifest(source, spec)
-    out = open_location(options.out)
+    out = open_location(options.out, options.storage_timeout)
     settings = JobSettings(
         model=spec.name,
         width=spec.width,
@@ -243,6 +245,8 @@ class RenderLoop:
             sp=self.options.sp,
             cfg_parallel=self.options.cfg_parallel,
             collective_timeout=self.options.collective_timeout,
+            storage_timeout=self.options.storage_timeout,
+            step_checkpoint=self.options.step_checkpoint,
         )
         args = (job.spec, job.out.worker_uri, settings)
         self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
@@ -264,6 +268,7 @@ class RenderLoop:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
+        committed = True  # false while the store refuses the index
         try:
             for replica in self.replicas:
                 self._start(replica)
@@ -284,10 +289,13 @@ class RenderLoop:
                     pending >= COMMIT_ROWS
                     or time.perf_counter() - self.last_commit >= self.options.commit_interval
                 ):
+                    committed = False
                     self._commit()
+                    committed = True
         finally:
             try:
-                self._commit()
+                if committed:  # else it has just failed for --storage-timeout: do not wait again
+                    self._commit()
             finally:
                 for replica in self.replicas:
                     replica.gang.kill()
@@ -319,6 +327,11 @@ class RenderLoop:
             self.waiting[ref] = (replica, unit_id)
             self._lose(replica, _describe(e))
             return
+        except StorageError as e:  # a worker could not store an output for --storage-timeout
+            raise StorageError(
+                f"stopped: OUT cannot be written ({_describe(e)}). Rows finished so far are in the "
+                "index; run the same command again to resume once the store is reachable."
+            ) from None
         except exceptions.RayTaskError as e:
             if unit_id is None:
                 self._lose(replica, f"could not start: {_describe(e)}")
@@ -437,6 +450,8 @@ class RenderLoop:
             guidance_scale=item.guidance_scale,
             model=self.job.spec.name,
             format=self.options.format,
+            bytes=finished.result.bytes_written,
+            sha256=finished.result.sha256,
             render_seconds=finished.result.render_seconds,
             finished_at=now_utc(),
             attempts=finished.row.attempts + 1,
@@ -444,8 +459,14 @@ class RenderLoop:
         return row
 
     def _commit(self) -> None:
-        self.index.commit()
-        self.failures.commit()
+        try:
+            self.index.commit()
+            self.failures.commit()
+        except StorageError as e:
+            raise StorageError(
+                f"stopped: the index cannot be written ({e}). Rows rendered since the last commit will "
+                "be rendered again; run the same command again to resume once the store is reachable."
+            ) from None
         self.last_commit = time.perf_counter()
 
 

@@ -8,6 +8,7 @@ from cogdist.errors import UsageError
 from cogdist.models.registry import ModelSpec
 from cogdist.parallel.check import check_layout
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
+from cogdist.storage import RETRY_SECONDS
 from cogdist.worker.worker import DTYPES
 
 
@@ -57,6 +58,12 @@ class RenderOptions:
     default."""
     dtype: str = "auto"
     """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    allow_pickle: bool = False
+    """Load .bin/.pt pickle weights of a checkpoint that has no safetensors. Unpickling can run
+    code: only for checkpoints you trust."""
+    trust_remote_code: bool = False
+    """Let diffusers import Python code that ships with the checkpoint (custom components). Only
+    for checkpoints whose code you have read and trust."""
     address: str | None = None
     """Ray cluster to join; default: $RAY_ADDRESS, else a local instance started in process."""
     overwrite: bool = False
@@ -68,6 +75,13 @@ class RenderOptions:
     collective_timeout: float = 600.0
     """Seconds a gang member waits for a peer in a collective before the gang is rebuilt (a hung
     GPU or process). Longer than any rank-0-only stage: text encoding, GLM-Image's AR prior."""
+    storage_timeout: float = RETRY_SECONDS
+    """Seconds a read or write of OUT (or of an input) is retried through transient errors, such
+    as an object store restarting, before the run stops (a re-run resumes it)."""
+    step_checkpoint: int | None = None
+    """Video models: save the denoising state to OUT every N steps, so that a render killed mid-item
+    resumes from its last checkpoint. None: every CHECKPOINT_SECONDS of an item's denoising (only
+    long items are saved); 0: never."""
     max_gang_restarts: int = 3
     """Times a replica is rebuilt after its workers die before it is given up."""
     commit_interval: float = 2.0
@@ -107,6 +121,16 @@ class RenderOptions:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.guidance is not None and not abs(self.guidance) < float("inf"):
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
+        if not self.storage_timeout > 0:
+            raise UsageError(f"--storage-timeout must be > 0 seconds, got {self.storage_timeout}")
+        if self.step_checkpoint is not None:
+            if self.step_checkpoint < 0:
+                raise UsageError(f"--step-checkpoint must be >= 0 steps, got {self.step_checkpoint}")
+            if self.step_checkpoint and spec.kind != "video":
+                raise UsageError(
+                    f"--step-checkpoint: {spec.name} renders an image in one short call; "
+                    "step checkpoints are for video models"
+                )
         if not self.collective_timeout > 0:
             raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:

@@ -8,6 +8,9 @@ trusted once the stored size equals the buffer's size.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import os
 import re
 import time
@@ -21,7 +24,12 @@ import pyarrow.fs as pafs
 from cogdist.errors import StorageError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".tmp"
+RETRY_SECONDS = 300.0
+"""How long a read or write keeps being retried through transient errors (an object store that
+is restarting or unreachable) before it fails; see `--storage-timeout`."""
+MAX_DELAY = 15.0
 
 # Query parameters of an s3:// URI that pyarrow's S3FileSystem accepts as strings.
 _S3_QUERY_OPTIONS = {"endpoint_override", "scheme", "region", "role_arn", "session_name", "external_id"}
@@ -36,6 +44,9 @@ def redact(uri: str) -> str:
     netloc = parsed.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
+    elif ":" in netloc and "@" in uri.partition("://")[2]:
+        # User info whose secret holds an unescaped "/", "?" or "#", which ended the host early.
+        return f"{parsed.scheme}://***@{uri.rsplit('@', 1)[1]}"
     query = parsed.query
     if query:
         parts = []
@@ -57,6 +68,13 @@ def _endpoint_from_env() -> dict[str, str]:
 
 def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str, str]:
     parsed = urlparse(uri)
+    if ":" in parsed.netloc.rsplit("@", 1)[-1]:
+        # A bucket name holds no ":": this is user info whose secret holds an unescaped "/", "?"
+        # or "#", which ended the host early, so that the rest of the secret reads as the key.
+        raise StorageError(
+            "the credentials of an s3:// URI must be percent-encoded ('/' as %2F, '?' as %3F, '#' "
+            "as %23); better, give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if not parsed.hostname:
         raise StorageError(f"{redact(uri)}: an s3:// URI needs a bucket, as in s3://bucket/prefix")
     options: dict[str, object] = _endpoint_from_env()
@@ -91,6 +109,7 @@ class Location:
     fs: pafs.FileSystem
     root: str  # the folder inside `fs`
     worker_uri: str = ""  # what a worker elsewhere opens to reach the same place (endpoint explicit)
+    retry_seconds: float = RETRY_SECONDS
 
     def __post_init__(self) -> None:
         if not self.worker_uri:
@@ -110,7 +129,10 @@ class Location:
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+        info = _retry(
+            lambda: self.fs.get_file_info(self.path(rel)), self.retry_seconds, f"reach {self.uri_of(rel)}"
+        )
+        return info.type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -122,9 +144,12 @@ class Location:
     def list_files(self, rel: str, suffix: str = "") -> list[pafs.FileInfo]:
         """Files directly under `rel` ending in `suffix`, sorted; hidden ('.', '_') names skipped."""
         selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        listing = _retry(
+            lambda: self.fs.get_file_info(selector), self.retry_seconds, f"list {self.uri_of(rel)}"
+        )
         infos = [
             info
-            for info in self.fs.get_file_info(selector)
+            for info in listing
             if info.type == pafs.FileType.File
             and info.path.endswith(suffix)
             and not info.base_name.startswith((".", "_"))
@@ -133,8 +158,13 @@ class Location:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def write_bytes(self, rel: str, data: bytes, *, durable: bool = False, attempts: int = 4) -> None:
-        """Store `data` at `rel` completely or not at all, retrying transient errors.
+    def read_bytes_retrying(self, rel: str) -> bytes:
+        """`read_bytes`, retrying transient errors for up to `retry_seconds`."""
+        return _retry(lambda: self.read_bytes(rel), self.retry_seconds, f"read {self.uri_of(rel)}")
+
+    def write_bytes(self, rel: str, data: bytes, *, durable: bool = False) -> None:
+        """Store `data` at `rel` completely or not at all, retrying transient errors for up to
+        `retry_seconds` (StorageError after that).
 
         Local files are written beside the target and renamed over it, so a reader never sees
         a partial file. Object stores publish only finished uploads, but also publish one that
@@ -142,7 +172,7 @@ class Location:
         """
         path = self.path(rel)
         if self.is_local:
-            _retry(lambda: _write_local_atomic(path, data, durable), attempts, f"write {path}")
+            _retry(lambda: _write_local_atomic(path, data, durable), self.retry_seconds, f"write {path}")
             return
 
         def put() -> None:
@@ -154,7 +184,16 @@ class Location:
                 self.fs.delete_file(path)
                 raise OSError(f"stored {size} of {len(data)} bytes")
 
-        _retry(put, attempts, f"write {self.uri_of(rel)}")
+        _retry(put, self.retry_seconds, f"write {self.uri_of(rel)}")
+
+    def delete(self, rel: str) -> None:
+        """Remove the file at `rel` if it exists (retrying transient errors)."""
+
+        def delete() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self.path(rel))
+
+        _retry(delete, self.retry_seconds, f"delete {self.uri_of(rel)}")
 
     def sweep_temporary(self, rel: str) -> int:
         """Remove temporary files that killed writers left directly under `rel` (local only)."""
@@ -193,37 +232,53 @@ def _write_local_atomic(path: str, data: bytes, durable: bool) -> None:
             os.unlink(tmp)
 
 
-def _retry(fn: Callable[[], T], attempts: int, what: str, base_delay: float = 0.5) -> T:
-    for attempt in range(1, attempts + 1):
+def _retry(fn: Callable[[], T], seconds: float, what: str, first_delay: float = 0.5) -> T:
+    """`fn()`, called again after OSErrors with doubling delays (at most MAX_DELAY) until `seconds`
+    have passed; a missing file or a refused permission is final at once."""
+    start = time.monotonic()
+    delay = first_delay
+    for attempt in itertools.count(1):
         try:
             return fn()
         except OSError as e:
-            if attempt == attempts or isinstance(e, (FileNotFoundError, PermissionError)):
-                raise StorageError(f"could not {what} after {attempt} attempt(s): {e}") from e
-            time.sleep(base_delay * 2 ** (attempt - 1))
+            elapsed = time.monotonic() - start
+            if elapsed + delay > seconds or isinstance(e, (FileNotFoundError, PermissionError)):
+                raise StorageError(
+                    f"could not {what} after {attempt} attempt(s) over {elapsed:.0f}s: {_redact_error(e)}"
+                ) from e
+            if attempt == 1:
+                log.warning("%s failed (%s); retrying for up to %.0fs", what, _redact_error(e), seconds)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY)
     raise AssertionError("unreachable")
 
 
-def open_location(uri: str) -> Location:
+def _redact_error(error: BaseException) -> str:
+    """An OS error's text with any URI in it redacted (pyarrow quotes the failing path)."""
+    return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), str(error))
+
+
+def open_location(uri: str, retry_seconds: float = RETRY_SECONDS) -> Location:
     """Open a local path, `file://`, `s3://` or `gs://` URI (or any scheme pyarrow.fs knows)."""
     if "://" not in uri:
         root = os.path.abspath(os.path.expanduser(uri))
-        return Location(uri, root, pafs.LocalFileSystem(), root)
+        return Location(uri, root, pafs.LocalFileSystem(), root, retry_seconds=retry_seconds)
     scheme = urlparse(uri).scheme.lower()
     if scheme == "file":
         root = os.path.abspath(unquote(urlparse(uri).path))
-        return Location(uri, root, pafs.LocalFileSystem(), root)
+        return Location(uri, root, pafs.LocalFileSystem(), root, retry_seconds=retry_seconds)
     if scheme in ("s3", "s3a"):
         fs, root, public, portable = _open_s3(uri)
-        return Location(uri, public, fs, root, portable)
+        return Location(uri, public, fs, root, portable, retry_seconds)
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        reason = str(e).replace(uri, redact(uri))  # pyarrow may quote the URI, credentials and all
         raise StorageError(
-            f"cannot open {redact(uri)}: {e}. Supported: local paths, file://, s3://, gs://"
-        ) from e
+            f"cannot open {redact(uri)}: {reason}. Supported: local paths, file://, s3://, gs://"
+        ) from None
     root = root.rstrip("/")
-    return Location(uri, f"{scheme}://{root}", fs, root)
+    return Location(uri, f"{scheme}://{root}", fs, root, retry_seconds=retry_seconds)
 
 
 def input_uri(uri: str) -> str:
@@ -232,16 +287,18 @@ def input_uri(uri: str) -> str:
     return open_location(uri).worker_uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
-def read_uri(uri: str) -> bytes:
+def read_uri(uri: str, retry_seconds: float = RETRY_SECONDS) -> bytes:
     """The whole object or file at `uri`, or StorageError saying which and why (redacted)."""
     try:
-        location = open_location(uri)
-        info = location.fs.get_file_info(location.root)
+        location = open_location(uri, retry_seconds)
+        info = _retry(
+            lambda: location.fs.get_file_info(location.root), retry_seconds, f"open {location.public_uri}"
+        )
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"{location.public_uri} does not exist")
         if info.type != pafs.FileType.File:
             raise StorageError(f"{location.public_uri} is not a file")
-        return _retry(lambda: location.read_bytes(""), 3, f"read {location.public_uri}")
+        return location.read_bytes_retrying("")
     except StorageError:
         raise
     except (OSError, ValueError) as e:

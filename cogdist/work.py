@@ -77,6 +77,8 @@ class ItemResult:
     ok: bool
     error: str | None = None
     bytes_written: int = 0
+    sha256: str | None = None
+    """Of the stored output's bytes, so anyone can check the object the index points at."""
     render_seconds: float = 0.0
     frames: int | None = None
     """Frames of a video output as rendered (CogVideoX 1.5 video-to-video may differ from the input)."""

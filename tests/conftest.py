@@ -189,16 +189,23 @@ def kill_after_first_commit(command: list[str], out: str) -> int:
     """Start a render driver in a session of its own, SIGKILL it once OUT's index has rows, and
     check that nothing of it outlives it (the reaper ends Ray's lingering agents too).
     Returns the rows committed before the kill."""
+    kill_driver_when(command, lambda: committed_rows(out) > 0)
+    return committed_rows(out)
+
+
+def kill_driver_when(command: list[str], ready, seconds: float = 180) -> None:
+    """Start a render driver in a session of its own, SIGKILL it once `ready()` is true, and check
+    that nothing of it outlives it."""
     driver = subprocess.Popen(
         command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     sid = os.getsid(driver.pid)
     try:
-        deadline = time.monotonic() + 180
-        while committed_rows(out) == 0 and time.monotonic() < deadline and driver.poll() is None:
+        deadline = time.monotonic() + seconds
+        while not ready() and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.2)
-        committed = committed_rows(out)
         assert driver.poll() is None, "the render finished before it could be killed"
+        assert ready(), f"not ready to kill after {seconds}s"
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=10)
         deadline = time.monotonic() + 30
@@ -208,4 +215,3 @@ def kill_after_first_commit(command: list[str], out: str) -> int:
         assert leftovers == [], f"processes left behind by the killed driver: {leftovers}"
     finally:
         reap_session(sid)
-    return committed

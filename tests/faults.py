@@ -111,3 +111,30 @@ def timed_worker(log_dir: Path, slow_width: int, slow_seconds: float) -> type:
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def out_of_memory(log_file: Path, once: str, always: str) -> type:
+    """A worker whose transformer runs out of memory for `once` unless VAE tiling is on (as a
+    memory-saving retry would fix), and for `always` whatever the settings. Every transformer
+    call is logged as a JSON line {id, tiling, oom}."""
+    import torch
+
+    class OutOfMemory(RenderWorker):
+        def render(self, unit):
+            ids = [item.id for item in unit.items]
+
+            def check(module, args, kwargs):
+                tiling = bool(self.pipe.vae.use_tiling)
+                oom = always in ids or (once in ids and not tiling)
+                with open(log_file, "a") as f:
+                    f.write(json.dumps({"ids": ids, "tiling": tiling, "oom": oom}) + "\n")
+                if oom:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+            hook = self.pipe.transformer.register_forward_pre_hook(check, with_kwargs=True)
+            try:
+                return super().render(unit)
+            finally:
+                hook.remove()
+
+    return OutOfMemory

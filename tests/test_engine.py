@@ -15,7 +15,7 @@ from cogdist import engine
 from cogdist.errors import UsageError
 from cogdist.options import RenderOptions
 from tests.conftest import write_manifest
-from tests.faults import PoisonWorker, dying_worker, timed_worker
+from tests.faults import PoisonWorker, dying_worker, out_of_memory, timed_worker
 
 
 def manifest_rows(n: int, **extra) -> list[dict]:
@@ -169,3 +169,33 @@ def test_quick_rows_never_wait_behind_a_slow_unit_while_a_replica_is_free(ray_se
     quick = [u for u in units if u["ids"] != ["slow"]]
     assert len({u["pid"] for u in units}) == 2  # both replicas worked
     assert all(u["end"] < slow["end"] for u in quick), "a quick row waited behind the slow unit"
+
+
+def test_out_of_memory_is_retried_once_saving_memory_before_it_counts(ray_session, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(5))
+    out = tmp_path / "out"
+    log = tmp_path / "calls.jsonl"
+    worker = out_of_memory(log, once="item/001", always="item/003")
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, batch_size=2, max_retries=1
+    )
+    summary = engine.run(options, worker_class=worker)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (summary.done, summary.failed) == (4, 1)
+
+    # item/001 ran out of memory once in its batch, then rendered alone with tiling on: no attempt lost.
+    table = index_table(out)
+    assert sorted(table["id"].to_pylist()) == ["item/000", "item/001", "item/002", "item/004"]
+    assert {r["id"]: r["attempts"] for r in table.to_pylist()}["item/001"] == 1
+    assert {"ids": ["item/000", "item/001"], "tiling": False, "oom": True} in calls
+    assert {"ids": ["item/000", "item/001"], "tiling": True, "oom": False} in calls
+    # The settings come back after the retry: later rows render without tiling.
+    assert all(not c["tiling"] for c in calls if c["ids"] == ["item/004"])
+
+    # item/003 runs out of memory however it is rendered: each attempt is one plain render and one
+    # memory-saving retry, and after --max-retries 1 it is recorded as failed.
+    failure = ds.dataset(f"{out}/failures").to_table().to_pylist()
+    assert [(f["id"], f["attempts"]) for f in failure] == [("item/003", 2)]
+    assert "OutOfMemoryError" in failure[0]["error"]
+    retries = [c for c in calls if "item/003" in c["ids"] and c["tiling"] and c["oom"]]
+    assert len(retries) == 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cogdist.errors import StorageError
 from cogdist.storage import open_location, redact
-from tests.conftest import S3_SECRET
+from tests.conftest import S3_SECRET, free_port
 
 
 def test_local_write_is_atomic_and_leaves_no_temporary(tmp_path):
@@ -80,3 +82,18 @@ def test_s3_endpoint_in_the_uri(s3_server, s3_bucket, monkeypatch):
 def test_unknown_s3_option_is_refused(s3_bucket):
     with pytest.raises(StorageError, match="unknown query option 'colour'"):
         open_location(f"s3://{s3_bucket}/q?colour=red")
+
+
+def test_an_unreachable_store_is_retried_for_the_timeout_then_named_without_secrets():
+    port = free_port()  # nothing listens there
+    location = open_location(
+        f"s3://key:{S3_SECRET}@bucket/run?endpoint_override=127.0.0.1:{port}&scheme=http", retry_seconds=3
+    )
+    started = time.monotonic()
+    with pytest.raises(StorageError) as error:
+        location.write_bytes("outputs/a.png", b"x" * 10)
+    waited = time.monotonic() - started
+    assert 1.5 <= waited <= 30, waited
+    message = str(error.value)
+    assert "s3://bucket/run/outputs/a.png" in message and "attempt(s)" in message
+    assert S3_SECRET not in message

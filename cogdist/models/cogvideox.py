@@ -15,6 +15,7 @@ with the same VAE tiling/slicing settings.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,6 +46,7 @@ from cogdist.parallel.broadcast import on_first_rank
 from cogdist.parallel.cfg import BATCHED
 from cogdist.parallel.group import Gang
 from cogdist.work import WorkItem
+from cogdist.worker.checkpoint import StepCheckpoints
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
     TEXT_TO_VIDEO: CogVideoXPipeline,
@@ -141,7 +143,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
         return pipe
-    return from_pretrained(PIPELINES[spec.tasks[0]], spec.source, dtype)
+    return from_pretrained(PIPELINES[spec.tasks[0]], spec, dtype)
 
 
 CFG_PARALLEL = BATCHED
@@ -149,6 +151,9 @@ CFG_PARALLEL = BATCHED
 
 FIRST_RANK_MODELS = ("text_encoder",)
 """Models that run only in rank 0's stages of a gang (see `render`)."""
+
+STEP_CHECKPOINTS = True
+"""Long denoising loops: `render` saves and resumes their state (cogdist.worker.checkpoint)."""
 
 
 @torch.no_grad()
@@ -158,10 +163,12 @@ def render(
     device: torch.device,
     inputs: Sequence,
     gang: Gang | None = None,
+    checkpoints: StepCheckpoints | None = None,
 ) -> list[np.ndarray]:
     """Videos (uint8, frames x height x width x 3) for `items`, which share one shape and task.
 
-    In a gang, prompts are encoded on its first rank only.
+    In a gang, prompts are encoded on its first rank only. With `checkpoints`, each pipeline call
+    saves its denoising state as it goes and resumes from what an interrupted call saved.
     """
     first = items[0]
     task_pipe = _for_task(pipe, first.task)
@@ -176,6 +183,7 @@ def render(
     for call in _calls(task_pipe, items):
         positive = [encoded[index][0] for index in call]
         negative = [encoded[index][1] for index in call]
+        generators = [torch.Generator("cpu").manual_seed(items[i].seed) for i in call]
         kwargs = dict(
             prompt_embeds=torch.cat(positive),
             negative_prompt_embeds=torch.cat(negative) if cfg else None,
@@ -183,7 +191,7 @@ def render(
             width=first.width,
             num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(items[i].seed) for i in call],
+            generator=generators,
             output_type="np",
         )
         if first.task == VIDEO_TO_VIDEO:
@@ -196,7 +204,13 @@ def render(
             kwargs.update(num_frames=first.num_frames)
             if first.task == IMAGE_TO_VIDEO:
                 kwargs.update(image=[inputs[i].image for i in call])
-        frames = task_pipe(**kwargs).frames
+        saving = (
+            checkpoints.around(task_pipe, [items[i] for i in call], generators)
+            if checkpoints
+            else contextlib.nullcontext()
+        )
+        with saving:
+            frames = task_pipe(**kwargs).frames
         videos.extend((frames[j] * 255).round().astype(np.uint8) for j in range(len(call)))  # as numpy_to_pil
     return videos
 

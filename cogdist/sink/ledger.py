@@ -43,6 +43,8 @@ RESULT_FIELDS = [
     pa.field("guidance_scale", pa.float64()),
     pa.field("model", pa.string()),
     pa.field("format", pa.string()),
+    pa.field("bytes", pa.int64()),
+    pa.field("sha256", pa.string()),
     pa.field("render_seconds", pa.float64()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
     pa.field("attempts", pa.int64()),

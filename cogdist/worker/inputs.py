@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cogdist.errors import CogdistError, StorageError
-from cogdist.storage import read_uri, redact
+from cogdist.storage import RETRY_SECONDS, read_uri, redact
 from cogdist.work import WorkItem
 
 
@@ -34,14 +34,14 @@ class Inputs:
     """Exactly the row's num_frames frames, from the start of the video."""
 
 
-def load_inputs(item: WorkItem) -> Inputs:
-    image = load_image(item.image) if item.image else None
-    video = load_video(item.video, item.num_frames or 0) if item.video else None
+def load_inputs(item: WorkItem, retry_seconds: float = RETRY_SECONDS) -> Inputs:
+    image = load_image(item.image, retry_seconds) if item.image else None
+    video = load_video(item.video, item.num_frames or 0, retry_seconds) if item.video else None
     return Inputs(image=image, video=video)
 
 
-def load_image(uri: str) -> Image.Image:
-    data = _read(uri, "image")
+def load_image(uri: str, retry_seconds: float = RETRY_SECONDS) -> Image.Image:
+    data = _read(uri, "image", retry_seconds)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -50,11 +50,11 @@ def load_image(uri: str) -> Image.Image:
         raise InputError(f"image {redact(uri)} cannot be decoded: {type(e).__name__}: {e}") from e
 
 
-def load_video(uri: str, frames: int) -> list[Image.Image]:
+def load_video(uri: str, frames: int, retry_seconds: float = RETRY_SECONDS) -> list[Image.Image]:
     """The first `frames` frames of the video at `uri`, as RGB images."""
     import imageio_ffmpeg
 
-    data = _read(uri, "video")
+    data = _read(uri, "video", retry_seconds)
     with tempfile.TemporaryDirectory(prefix="cogdist-input-") as folder:
         path = os.path.join(folder, "input")
         with open(path, "wb") as f:
@@ -77,9 +77,9 @@ def load_video(uri: str, frames: int) -> list[Image.Image]:
     return decoded
 
 
-def _read(uri: str, what: str) -> bytes:
+def _read(uri: str, what: str, retry_seconds: float) -> bytes:
     try:
-        return read_uri(uri)
+        return read_uri(uri, retry_seconds)
     except StorageError as e:
         raise InputError(f"{what} cannot be read: {e}") from e
 

@@ -7,18 +7,23 @@ whose conditioning input cannot be read fails alone; the rest of its unit render
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cogdist.errors import GangBroken, StorageError
+from cogdist.errors import GangBroken
 from cogdist.models.registry import ModelSpec
 from cogdist.sink.encode import encode_image, encode_video
-from cogdist.storage import open_location
+from cogdist.storage import RETRY_SECONDS, open_location
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
+from cogdist.worker.checkpoint import StepCheckpoints
 from cogdist.worker.inputs import InputError, load_inputs
 
 if TYPE_CHECKING:
@@ -47,6 +52,10 @@ class WorkerSettings:
     """The gang's two halves run the conditional and unconditional passes."""
     collective_timeout: float = 600.0
     """Seconds a collective waits for a peer before the gang is declared broken."""
+    storage_timeout: float = RETRY_SECONDS
+    """Seconds a read or write of OUT or of an input is retried through transient errors."""
+    step_checkpoint: int | None = None
+    """Video models: save the denoising state every N steps; None: every CHECKPOINT_SECONDS; 0: never."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,14 @@ class RenderWorker:
         self.pipe = place(pipe, self.device, self.settings)
         if self.gang is not None:
             parallelize(self.pipe, self.gang, self.family.CFG_PARALLEL)
-        self.out = open_location(self.out_uri)
+        self.out = open_location(self.out_uri, self.settings.storage_timeout)
+        self.checkpoints = None
+        if getattr(self.family, "STEP_CHECKPOINTS", False) and self.settings.step_checkpoint != 0:
+            self.checkpoints = StepCheckpoints(
+                self.out,
+                every_steps=self.settings.step_checkpoint,
+                writer=self.gang is None or self.gang.is_writer,
+            )
         return WorkerInfo(
             rank=self.rank,
             pid=os.getpid(),
@@ -169,39 +185,100 @@ class RenderWorker:
         ready = [item for item in unit.items if item.id in loaded]
         inputs = [loaded[item.id] for item in ready]
         if ready:
-            outputs = self.family.render(self.pipe, ready, self.device, inputs, gang=self.gang)
+            outputs = self._render_saving_memory_on_oom(ready, inputs)
             if (
                 self.gang is not None and not self.gang.is_writer
             ):  # rank 0 writes; the rest return nothing large
                 return UnitResult(unit.unit_id, (), time.perf_counter() - start)
             written = [self._write(item, pixels) for item, pixels in zip(ready, outputs)]
+            if self.checkpoints is not None:
+                self.checkpoints.remove(ready)
             # A row's render time: its share of the unit, inputs, rendering, encoding and upload included.
             per_item = (time.perf_counter() - start) / len(ready)
             for result in written:
                 results[result.id] = replace(result, render_seconds=per_item) if result.ok else result
         return UnitResult(unit.unit_id, tuple(results[i.id] for i in unit.items), time.perf_counter() - start)
 
+    def _render_saving_memory_on_oom(self, items: list[WorkItem], inputs: list) -> list[np.ndarray]:
+        """The family's render; after running out of memory, once more row by row with every
+        memory-saving setting on (VAE tiling and slicing, model CPU offload on a GPU).
+
+        A gang does not retry here: its other ranks are waiting in a collective of the failed call,
+        so the error goes to the scheduler, which retries the row as a failure of its own.
+        """
+        import torch
+
+        render_kwargs = {"gang": self.gang}
+        if self.checkpoints is not None:
+            render_kwargs["checkpoints"] = self.checkpoints
+        try:
+            return self.family.render(self.pipe, items, self.device, inputs, **render_kwargs)
+        except torch.OutOfMemoryError as e:
+            if self.gang is not None:
+                raise
+            error = str(e).splitlines()[0][:200]
+        print(
+            f"cogdist worker {os.getpid()}: out of memory on {', '.join(i.id for i in items)} ({error}); "
+            "retrying row by row with VAE tiling, slicing and CPU offload",
+            file=sys.stderr,
+            flush=True,
+        )
+        with saving_memory(self.pipe, self.device, self.settings):
+            return [
+                self.family.render(self.pipe, [item], self.device, [row_inputs], **render_kwargs)[0]
+                for item, row_inputs in zip(items, inputs)
+            ]
+
     def _load(self, item: WorkItem):
         """A row's decoded conditioning inputs (InputError when they cannot be read)."""
-        return load_inputs(item)
+        return load_inputs(item, self.settings.storage_timeout)
 
     def _write(self, item: WorkItem, pixels: np.ndarray) -> ItemResult:
-        """Encode a whole output in memory, then store it (frames first, the indexed file last)."""
-        try:
-            if pixels.ndim == 4:
-                if item.frames_dir:
-                    for number, frame in enumerate(pixels):
-                        self.out.write_bytes(
-                            f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png")
-                        )
-                data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
-            else:
-                data = encode_image(pixels, self.settings.format, self.settings.quality)
-            self.out.write_bytes(item.output, data)
-        except StorageError as e:
-            return ItemResult(item.id, ok=False, error=str(e))
+        """Encode a whole output in memory, then store it (frames first, the indexed file last).
+
+        A write that still fails after `storage_timeout` of retries raises StorageError: OUT is
+        unreachable, which is no row's fault, and the driver stops the run (a re-run resumes).
+        """
+        if pixels.ndim == 4:
+            if item.frames_dir:
+                for number, frame in enumerate(pixels):
+                    self.out.write_bytes(f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png"))
+            data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
+        else:
+            data = encode_image(pixels, self.settings.format, self.settings.quality)
+        self.out.write_bytes(item.output, data)
         frames = pixels.shape[0] if pixels.ndim == 4 else None
-        return ItemResult(item.id, ok=True, bytes_written=len(data), frames=frames)
+        return ItemResult(
+            item.id,
+            ok=True,
+            bytes_written=len(data),
+            frames=frames,
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+
+@contextlib.contextmanager
+def saving_memory(pipe, device, settings: WorkerSettings) -> Iterator[None]:
+    """Every memory-saving setting on for the duration; the worker's own settings after."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    offload = device.type == "cuda" and not settings.cpu_offload
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    try:
+        yield
+    finally:
+        if offload:
+            pipe.remove_all_hooks()
+            pipe.to(device)
+        if not settings.vae_tiling:
+            pipe.vae.disable_tiling()
+        if not settings.vae_slicing:
+            pipe.vae.disable_slicing()
 
 
 def place(pipe, device, settings: WorkerSettings):
