@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--max-in-flight", type=int, default=2, help="units queued per replica (default 2)")
     render.add_argument("--max-retries", type=int, default=2, help="retries of a failing row (default 2)")
     render.add_argument(
+        "--max-gang-restarts",
+        type=int,
+        default=3,
+        help="times a replica whose workers died is rebuilt before it is given up (default 3)",
+    )
+    render.add_argument(
         "--format",
         choices=["png", "jpeg", "webp", "mp4"],
         help="output format (default: png; mp4 for videos)",
@@ -172,6 +178,7 @@ def _render(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,
         max_retries=args.max_retries,
+        max_gang_restarts=args.max_gang_restarts,
         format=args.format,
         quality=args.quality,
         dtype=args.dtype,

@@ -1,0 +1,301 @@
+"""An S3-compatible store that goes away mid-run and comes back: moto behind a TCP relay.
+
+moto keeps its objects in memory, so a plain restart would also lose every object, which no real
+store does. `FlakyStore.outage` therefore models a restart of a store with a disk: the relay
+stops accepting and cuts every open connection (clients see refused and reset connections), the
+bucket is copied out of moto through its own port, moto is stopped and started again on the same
+port, the copy is put back, and after the outage the relay accepts connections again. Nothing a
+client acknowledged is lost; what was in flight fails and must be retried by the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cogdist.storage import open_location
+from tests.chaos.harness import (
+    S3_KEY,
+    S3_SECRET,
+    Outcome,
+    _s3_client,
+    audit,
+    chaos_manifest,
+    count_rows,
+    free_port,
+    make_bucket,
+    patched_environ,
+    render_command,
+    wait_for_port,
+)
+
+
+class Relay:
+    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target` while up; refuses connections while down."""
+
+    def __init__(self, target: int):
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Stop listening and cut every open connection, as a store going away does."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            if listener is not self._listener:
+                client.close()
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with self._lock:
+                    self._open.discard(s)
+
+
+class FlakyStore:
+    """moto behind a Relay. `env` points clients at the relay; `direct` at moto itself."""
+
+    def __init__(self) -> None:
+        self.moto_port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.relay = Relay(self.moto_port)
+        self.outages: list[float] = []  # seconds each outage lasted
+
+    def _env(self, port: int) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self._env(self.relay.port)
+
+    @property
+    def direct(self) -> dict[str, str]:
+        return self._env(self.moto_port)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_for_port(self.moto_port, 30):
+            raise RuntimeError("moto server did not start within 30 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def outage(self, seconds: float) -> None:
+        """Make the store unreachable for `seconds`, restarting the server meanwhile (keeping
+        every object it had acknowledged)."""
+        started = time.monotonic()
+        self.relay.down()
+        client = _s3_client(self.direct)
+        saved = {}
+        for bucket in client.list_buckets()["Buckets"]:
+            objects = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                for entry in page.get("Contents", []):
+                    objects[entry["Key"]] = client.get_object(Bucket=bucket["Name"], Key=entry["Key"])[
+                        "Body"
+                    ].read()
+            saved[bucket["Name"]] = objects
+        self.stop()
+        self.start()
+        client = _s3_client(self.direct)
+        for bucket, objects in saved.items():
+            client.create_bucket(Bucket=bucket)
+            for key, body in objects.items():
+                client.put_object(Bucket=bucket, Key=key, Body=body)
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        self.relay.up()
+        self.outages.append(time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def flaky_store() -> Iterator[FlakyStore]:
+    store = FlakyStore()
+    store.start()
+    store.relay.up()
+    try:
+        yield store
+    finally:
+        store.relay.down()
+        store.stop()
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+def _location(store: FlakyStore, out: str):
+    """OUT as the test sees it: straight to moto, past the relay the job goes through, with the
+    credentials in the URI (the process environment has none)."""
+    bucket, _, prefix = out.removeprefix("s3://").partition("/")
+    return open_location(
+        f"s3://{S3_KEY}:{S3_SECRET}@{bucket}/{prefix}?endpoint_override=127.0.0.1:{store.moto_port}&scheme=http"
+    )
+
+
+def storage_outage(workdir: Path, rows: int = 80, outages: tuple[float, ...] = (12.0, 8.0)) -> Outcome:
+    """The object store goes away (and restarts) mid-run, shorter than --storage-timeout: writes
+    are retried through it and the run completes in one go."""
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
+    out = "s3://chaos/outage"
+    problems: list[str] = []
+    with flaky_store() as store:
+        make_bucket(store.env, "chaos")
+        location = _location(store, out)
+        command = render_command(manifest, out, "--storage-timeout", "120")
+        driver = subprocess.Popen(
+            command,
+            env={**os.environ, **store.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        at_rows = []
+        for number, seconds in enumerate(outages):
+            # The first outage once rows are being committed, each further one 4 s after the last.
+            while count_rows(location) < 5 and driver.poll() is None:
+                time.sleep(0.2)
+            if number:
+                time.sleep(4)
+            if driver.poll() is not None:
+                problems.append(f"the run ended before outage {number + 1}; use more rows")
+                break
+            at_rows.append(count_rows(location))
+            store.outage(seconds)
+        _, stderr = driver.communicate(timeout=600)
+        if driver.returncode != 0:
+            problems.append(f"exit code {driver.returncode}: {stderr.strip().splitlines()[-1:]}")
+        retried = stderr.count("retrying for up to")
+        with patched_environ(store.direct):
+            found = audit(out, ids)
+    notes = (
+        f"store down {', '.join(f'{s:.0f}s' for s in store.outages)} with {at_rows} rows indexed; "
+        f"--storage-timeout 120; {retried} reads/writes reported retrying"
+    )
+    outcome = found.outcome(
+        "storage-outage",
+        "object store stopped and restarted mid-run",
+        len(store.outages),
+        time.monotonic() - started,
+        notes,
+    )
+    outcome.problems = problems + outcome.problems
+    return outcome
+
+
+def storage_outage_stops(workdir: Path, rows: int = 40, outage: float = 25.0) -> Outcome:
+    """The store stays away longer than --storage-timeout: the run stops with a clear message,
+    and the same command, run once the store is back, finishes the job."""
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
+    out = "s3://chaos/stops"
+    problems: list[str] = []
+    with flaky_store() as store:
+        make_bucket(store.env, "chaos")
+        location = _location(store, out)
+        command = render_command(manifest, out, "--storage-timeout", "4")
+        env = {**os.environ, **store.env}
+        driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while count_rows(location) < 5 and driver.poll() is None:
+            time.sleep(0.2)
+        before = count_rows(location)
+        outage = threading.Thread(target=store.outage, args=(outage,))
+        outage.start()
+        _, stderr = driver.communicate(timeout=600)
+        outage.join()
+        message = [line for line in stderr.splitlines() if "stopped:" in line]
+        if driver.returncode != 1 or not message:
+            problems.append(
+                f"expected exit 1 with a 'stopped:' message, got {driver.returncode}: {stderr[-500:]}"
+            )
+        elif "run the same command again" not in message[0]:
+            problems.append(f"the message does not say how to resume: {message[0]}")
+        if S3_SECRET in stderr:
+            problems.append("the secret key appeared in the driver's output")
+        resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if resumed.returncode != 0:
+            problems.append(f"the resumed run exited {resumed.returncode}: {resumed.stderr[-500:]}")
+        with patched_environ(store.direct):
+            found = audit(out, ids)
+    notes = (
+        f"store down {store.outages[0]:.0f}s with --storage-timeout 4 after {before} rows; "
+        f"the run stopped with: {message[0].strip()[:160] if message else '(no message)'}; "
+        "the same command then completed"
+    )
+    outcome = found.outcome(
+        "storage-outage-stops",
+        "object store down longer than --storage-timeout",
+        1,
+        time.monotonic() - started,
+        notes,
+    )
+    outcome.problems = problems + outcome.problems
+    return outcome

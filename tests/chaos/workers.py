@@ -1,0 +1,402 @@
+"""Chaos scenarios on the worker side: workers and gang members SIGKILLed mid-render, poison
+rows, running out of memory, and a long video item killed mid-denoising (step checkpoints).
+
+Kills come from outside, as a preempted node or the kernel's OOM killer would deliver them:
+SIGKILL to a Ray worker process of the driver's session that is executing `render`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from PIL import Image
+
+from tests.chaos.harness import (
+    ROOT,
+    Outcome,
+    audit,
+    chaos_manifest,
+    count_rows,
+    render_command,
+    session_processes,
+    settle_session,
+    write_manifest,
+)
+
+RENDERING = "ray::RenderWorker.render"  # the process title Ray gives an actor inside `render`
+
+
+def _busy_workers(sid: int) -> list[psutil.Process]:
+    found = []
+    for process in session_processes(sid):
+        try:
+            if " ".join(process.cmdline()).startswith(RENDERING):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _kill_workers(
+    command: list[str], out: str, kills: int, rng: random.Random, logs: Path
+) -> tuple[list, int, str]:
+    """Run the render, SIGKILL a random worker busy rendering `kills` times (the first once rows
+    are committed, each later one 1.5-3.5 s after more rows were committed), and let the run finish. Returns (kills made, exit code,
+    output tail)."""
+    from cogdist.storage import open_location
+
+    location = open_location(out)
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / "run.log"
+    made = []
+    with open(log, "wb") as sink:
+        driver = subprocess.Popen(
+            command, cwd=ROOT, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
+        )
+    sid = os.getsid(driver.pid)
+    try:
+        while count_rows(location) == 0 and driver.poll() is None:
+            time.sleep(0.2)
+        while len(made) < kills and driver.poll() is None:
+            # Independent failures: each kill after the job has made progress since the last one
+            # (a row whose render kills its worker three times running is recorded as failed).
+            while made and count_rows(location) <= made[-1][1] and driver.poll() is None:
+                time.sleep(0.2)
+            time.sleep(rng.uniform(1.5, 3.5))
+            busy = _busy_workers(sid)
+            if not busy:
+                continue
+            victim = rng.choice(busy)
+            try:
+                os.kill(victim.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            made.append((round(time.monotonic(), 1), count_rows(location)))
+        code = driver.wait(timeout=900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        settle_session(sid, 10.0)
+    return made, code, log.read_text(errors="replace")[-3000:]
+
+
+def worker_kills(workdir: Path, kills: int = 5, rows: int = 160, seed: int = 7, sp: int = 1) -> Outcome:
+    """SIGKILL a busy worker process `kills` times during one run: each time its replica is
+    rebuilt and its unit re-queued; with --max-retries 0 any kill blamed on a row would show.
+    With `sp` 2 the workers are gang members: a member killed mid-denoising breaks its peer's
+    collective, and the gang is rebuilt as one."""
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
+    out = str(workdir / "out")
+    command = render_command(manifest, out, "--max-retries", "0", "--max-gang-restarts", str(kills + 2))
+    if sp > 1:
+        command[command.index("--replicas") + 1] = "1"  # one gang of `sp` on 2 cores
+        command += ["--sp", str(sp), "--collective-timeout", "30"]
+    made, code, tail = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs")
+    found = audit(out, ids)
+    outcome = found.outcome(
+        "gang-member-kills" if sp > 1 else "worker-kills",
+        f"SIGKILL of one member of a {sp}-GPU gang (--sp {sp}) mid-render"
+        if sp > 1
+        else "SIGKILL of a worker process mid-render (--max-retries 0)",
+        len(made),
+        time.monotonic() - started,
+        f"seed {seed}; rows indexed at each kill: {[r for _, r in made]}; run exit {code}; "
+        f"rebuilds logged: {tail.count('rebuilding it')}",
+    )
+    if code != 0:
+        outcome.problems.append(f"the run exited {code}: {tail[-500:]}")
+    return outcome
+
+
+def gang_member_kills(workdir: Path) -> Outcome:
+    return worker_kills(workdir, kills=3, rows=24, seed=11, sp=2)
+
+
+def poison_rows(workdir: Path, rows: int = 24, poisoned: int = 4) -> Outcome:
+    """Rows whose conditioning image cannot be decoded fail every attempt: recorded under
+    failures/ after --max-retries, the rest finish; a plain re-run skips them, and once the
+    images are fixed `--retry-failed` renders them."""
+    from cogdist.sink.ledger import FAILURES, read_table
+    from cogdist.storage import open_location
+
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    images = workdir / "images"
+    images.mkdir(exist_ok=True)
+    records, bad = [], []
+    for i in range(rows):
+        record = {"id": f"poison/{i:03d}", "prompt": f"a red house number {i}", "image": None}
+        if i % (rows // poisoned) == 1 and len(bad) < poisoned:
+            path = images / f"{i}.png"
+            path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+            record["image"] = str(path)
+            bad.append(record["id"])
+        records.append(record)
+    manifest = write_manifest(workdir / "manifest.parquet", records)
+    out = str(workdir / "out")
+    base = [
+        sys.executable,
+        "-m",
+        "cogdist",
+        "render",
+        str(manifest),
+        "--model",
+        "tiny-glm-image",
+        "--out",
+        out,
+    ]
+    base += ["--no-progress", "--width", "64", "--height", "64", "--steps", "2", "--max-retries", "2"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    problems = []
+    first = run()
+    location = open_location(out)
+    failures = read_table(location, FAILURES)
+    recorded = {} if failures is None else {r["id"]: r for r in failures.to_pylist()}
+    if first.returncode != 1 or sorted(recorded) != sorted(bad):
+        problems.append(f"first run: exit {first.returncode}, failures {sorted(recorded)} (expected {bad})")
+    wrong = [i for i, r in recorded.items() if r["attempts"] != 3 or "cannot be decoded" not in r["error"]]
+    if wrong:
+        problems.append(f"failure records without 3 attempts or the decode error: {wrong}")
+    again = run()
+    said = again.stdout + again.stderr
+    if again.returncode != 1 or not re.search(rf"0 rendered, {rows - poisoned} already done", said):
+        problems.append(f"a plain re-run did not skip the failed rows: {said[-300:]}")
+    for record in records:  # the user fixes the inputs
+        if record["image"]:
+            buffer = io.BytesIO()
+            Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "PNG")
+            Path(record["image"]).write_bytes(buffer.getvalue())
+    retried = run("--retry-failed")
+    if retried.returncode != 0:
+        problems.append(f"--retry-failed exited {retried.returncode}: {retried.stderr[-300:]}")
+    found = audit(out, {r["id"] for r in records})
+    outcome = found.outcome(
+        "poison-rows",
+        "undecodable conditioning image (tiny-glm-image, --max-retries 2)",
+        len(bad),
+        time.monotonic() - started,
+        f"{len(recorded)} recorded under failures/ with attempts "
+        f"{sorted({r['attempts'] for r in recorded.values()})}; a plain re-run skipped them; "
+        f"--retry-failed after fixing the images rendered them",
+    )
+    outcome.problems = problems + outcome.problems
+    return outcome
+
+
+def out_of_memory(workdir: Path, rows: int = 12) -> Outcome:
+    """A row that runs out of memory unless VAE tiling is on, and one that always does (an
+    injected torch.OutOfMemoryError in the transformer): the first renders after the
+    memory-saving retry without losing an attempt, the second is recorded as failed."""
+    import pyarrow.dataset as ds
+
+    from cogdist import engine
+    from cogdist.options import RenderOptions
+    from tests.faults import out_of_memory as oom_worker
+
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
+    once, always = sorted(ids)[2], sorted(ids)[7]
+    out = str(workdir / "out")
+    log = workdir / "calls.jsonl"
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", out, progress=False, replicas=1, batch_size=2, max_retries=1, steps=4
+    )
+    summary = engine.run(options, worker_class=oom_worker(log, once=once, always=always))
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    found = audit(out, ids, expected_failed={always})
+    index = ds.dataset(f"{out}/index").to_table().to_pylist()
+    attempts = {r["id"]: r["attempts"] for r in index}
+    problems = [] if attempts.get(once) == 1 else [f"{once} took {attempts.get(once)} attempts"]
+    outcome = found.outcome(
+        "out-of-memory",
+        "torch.OutOfMemoryError in the transformer (one row until tiling is on, one always)",
+        sum(c["oom"] for c in calls),
+        time.monotonic() - started,
+        f"{summary.done} rendered, {summary.failed} failed; {once} rendered in 1 attempt after the "
+        f"memory-saving retry; {always} recorded after 2 attempts",
+    )
+    outcome.problems = problems + outcome.problems
+    return outcome
+
+
+def step_checkpoint_kill(workdir: Path) -> Outcome:
+    """A long video item (tiny CogVideoX, 40 steps) whose driver is SIGKILLed mid-denoising
+    resumes from its last step checkpoint and equals an uninterrupted render."""
+    import pyarrow.dataset as ds
+    import torch
+
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(workdir / "m.parquet", [{"id": "long/1", "prompt": "a long walk on a beach"}])
+    settings = ["--model", "tiny-cogvideox", "--width", "96", "--height", "96", "--frames", "17"]
+    settings += ["--steps", "40", "--replicas", "1", "--step-checkpoint", "4", "--no-progress"]
+    out, reference = workdir / "out", workdir / "reference"
+    command = [sys.executable, "-m", "cogdist", "render", str(manifest), *settings]
+    folder = out / "_cogdist" / "checkpoints"
+
+    def saved() -> int:
+        for path in folder.rglob("*.pt"):
+            try:
+                return torch.load(path, weights_only=True)["step"]
+            except Exception:
+                return 0
+        return 0
+
+    driver = subprocess.Popen(
+        [*command, "--out", str(out)],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sid = os.getsid(driver.pid)
+    while saved() < 12 and driver.poll() is None:
+        time.sleep(0.1)
+    killed_at = saved()
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    settle_session(sid, 10.0)
+    resumed = subprocess.run(
+        [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    plain = subprocess.run(
+        [*command, "--out", str(reference)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    problems = []
+    match = re.search(r"resuming long/1 from step (\d+)", resumed.stderr)
+    if resumed.returncode or plain.returncode or not match:
+        problems.append(
+            f"resume exit {resumed.returncode}, reference exit {plain.returncode}, resumed: {bool(match)}"
+        )
+    ours = ds.dataset(str(out / "index")).to_table().to_pylist()
+    theirs = ds.dataset(str(reference / "index")).to_table().to_pylist()
+    if [r["sha256"] for r in ours] != [r["sha256"] for r in theirs]:
+        problems.append("the resumed video differs from the uninterrupted render")
+    if list(folder.rglob("*.pt")):
+        problems.append("the finished item's checkpoint was not removed")
+    found = audit(str(out), {"long/1"})
+    outcome = found.outcome(
+        "step-checkpoint",
+        "SIGKILL of the driver mid-denoising of a 40-step video (--step-checkpoint 4)",
+        1,
+        time.monotonic() - started,
+        f"killed with step {killed_at} saved; resumed from step {match.group(1) if match else '?'}; "
+        "output sha256 equal to an uninterrupted render; checkpoint removed",
+    )
+    outcome.problems = problems + outcome.problems
+    return outcome
+
+
+def malformed_manifests(workdir: Path) -> Outcome:
+    """Hostile manifests: the hypothesis properties of tests/test_manifest_properties.py (every
+    generated manifest is accepted or refused with a message naming row and column, never a
+    traceback), then hostile manifests rendered into an OUT holding a finished job: each is
+    refused (exit 2) and OUT is left byte for byte as it was."""
+    import hashlib
+
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    problems = []
+    properties = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-show-statistics",
+            "tests/test_manifest_properties.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    examples = sum(int(n) for n in re.findall(r"(\d+) passing, \d+ failing", properties.stdout))
+    if properties.returncode != 0:
+        problems.append(f"property tests failed: {properties.stdout[-500:]}")
+
+    manifest, ids = chaos_manifest(workdir / "good.parquet", 6)
+    out = workdir / "out"
+    done = subprocess.run(
+        render_command(manifest, str(out)), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    if done.returncode != 0:
+        problems.append(f"the first job failed: {done.stderr[-300:]}")
+
+    def snapshot() -> dict[str, str]:
+        return {
+            str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in out.rglob("*")
+            if p.is_file()
+        }
+
+    before = snapshot()
+    hostile = {
+        "path traversal id": [{"id": "../../escape", "prompt": "x"}, {"id": "ok", "prompt": None}],
+        "NaN guidance, negative width": [
+            {"id": "a", "prompt": "x", "guidance_scale": float("nan"), "width": -64}
+        ],
+        "zero rows": [],
+        "not Parquet": None,
+    }
+    refused = 0
+    for name, rows in hostile.items():
+        path = workdir / f"{name.replace(' ', '_')}.parquet"
+        if rows is None:
+            path.write_bytes(b"id,prompt\n1,hello\n")
+        elif rows:
+            write_manifest(path, rows)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(
+                pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), path
+            )
+        run = subprocess.run(
+            render_command(path, str(out)), cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        said = run.stdout + run.stderr
+        if "Traceback" in said:
+            problems.append(f"{name}: a traceback: {said[-300:]}")
+        elif name == "zero rows" and run.returncode in (0, 2):
+            refused += 1  # nothing to do, or refused as a different job: both leave OUT alone
+        elif run.returncode == 2:
+            refused += 1
+        else:
+            problems.append(f"{name}: exit {run.returncode}: {said[-300:]}")
+    if snapshot() != before:
+        problems.append("a refused manifest changed OUT")
+    outcome = Outcome(
+        scenario="malformed-manifests",
+        injected="generated hostile manifests (hypothesis) and hostile renders into a finished OUT",
+        times=examples + len(hostile),
+        expected=len(ids),
+        indexed=len(ids) if not problems else 0,
+        duplicates=0,
+        lost=0,
+        failed=0,
+        problems=problems,
+        seconds=round(time.monotonic() - started, 1),
+        notes=f"{examples} generated examples passed the properties; {refused}/{len(hostile)} hostile renders "
+        "refused with OUT unchanged (its 6 finished rows kept)",
+    )
+    return outcome
