@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+
+from tests.chaos.harness import free_port, wait_for_port  # noqa: F401  (used by tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "manifests" / "demo.parquet"
@@ -32,24 +33,6 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
         rows = [{name: row.get(name) for name in names} for row in rows]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, seconds: float) -> bool:
-    """True once something accepts connections on 127.0.0.1:port, False after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="session")

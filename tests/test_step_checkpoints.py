@@ -178,3 +178,23 @@ def test_a_driver_killed_mid_item_resumes_from_the_checkpoint_and_equals_an_unin
     data = (out / resumed_row["path"]).read_bytes()
     assert hashlib.sha256(data).hexdigest() == resumed_row["sha256"] and len(data) == resumed_row["bytes"]
     assert probe_mp4(out / resumed_row["path"])[1].shape == (17, 96, 96, 3)
+
+
+def test_finished_rows_lose_their_checkpoints_even_when_their_batch_started_over(tmp_path):
+    pipe = pipe_of("tiny-cogvideox")
+    first, second = row("text-to-video", "a", seed=1), row("text-to-video", "b", "a boat at sea", seed=2)
+    first = type(first)(**{**vars(first), "num_inference_steps": STEPS, "output": "outputs/a.mp4"})
+    second = type(second)(**{**vars(second), "num_inference_steps": STEPS, "output": "outputs/b.mp4"})
+    inputs = [TASKS["text-to-video"][1]] * 2
+    out = open_location(str(tmp_path / "out"))
+    hook = interrupt_at_pass(pipe, 3)
+    with pytest.raises(Interrupted):
+        render(pipe, [second], inputs[:1], StepCheckpoints(out, every_steps=1))
+    hook.remove()
+    assert out.exists(checkpoint_path(second))
+
+    worker = StepCheckpoints(out, every_steps=100)  # a new worker; saves nothing itself
+    render(pipe, [first, second], inputs, worker)  # "a" has no checkpoint: the batch starts over
+    assert worker.resumed == []
+    worker.remove([first, second])
+    assert not out.exists(checkpoint_path(second))

@@ -64,6 +64,8 @@ class StepCheckpoints:
     """In a gang, rank 0 saves; every rank resumes."""
     resumed: list[tuple[str, int]] = field(default_factory=list)
     """(row id, step) of every resume, for tests and logs."""
+    stored: set[str] = field(default_factory=set)
+    """Checkpoint paths this worker wrote or found, the only ones `remove` has to delete."""
 
     @contextlib.contextmanager
     def around(self, pipe, items: Sequence[WorkItem], generators: Sequence) -> Iterator[None]:
@@ -135,8 +137,11 @@ class StepCheckpoints:
         if not self.writer:
             return
         for item in items:
+            if checkpoint_path(item) not in self.stored:
+                continue  # most items: none was ever saved, and a delete is one request on S3
             try:
                 self.out.delete(checkpoint_path(item))
+                self.stored.discard(checkpoint_path(item))
             except StorageError as e:  # a stale checkpoint is ignored or overwritten later
                 print(f"cogdist worker: could not remove a checkpoint: {e}", file=sys.stderr, flush=True)
 
@@ -156,16 +161,19 @@ class StepCheckpoints:
             buffer = io.BytesIO()
             torch.save(payload, buffer)
             self.out.write_bytes(checkpoint_path(item), buffer.getvalue())
+            self.stored.add(checkpoint_path(item))
 
     def _load(self, items: Sequence[WorkItem]) -> dict | None:
         """The rows' saved state, joined into the batch; None unless every row has one of the same
         step and settings (a batch resumes together or starts over)."""
         import torch
 
+        found = [self.out.exists(checkpoint_path(item)) for item in items]
+        self.stored.update(checkpoint_path(item) for item, there in zip(items, found) if there)
+        if not all(found):
+            return None
         payloads = []
         for item in items:
-            if not self.out.exists(checkpoint_path(item)):
-                return None
             try:
                 data = self.out.read_bytes_retrying(checkpoint_path(item))
                 payload = torch.load(io.BytesIO(data), weights_only=True)  # never unpickles code

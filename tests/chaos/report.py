@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,21 +19,12 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.common import machine
 from tests.chaos.harness import ROOT, Outcome
 from tests.chaos.scenarios import SCENARIOS
 
 DOC = ROOT / "docs" / "reliability.md"
 RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def git_commit() -> str:
@@ -78,20 +67,22 @@ def load(path: Path) -> dict[str, dict]:
 
 def render_doc(entries: list[dict]) -> str:
     lines = [
-        "# Reliability: fault injection against the real CLI",
+        "# Reliability: fault injection against real runs",
         "",
-        "Each scenario injects faults into `python -m cogdist render` runs of a tiny model, runs the",
-        "same command again to completion, and audits OUT as a user of the dataset sees it: every",
+        "Each scenario injects faults into real renders of a tiny model (`python -m cogdist render`",
+        "subprocesses; the out-of-memory one through the Python API with a fault-injecting worker),",
+        "lets the same command finish, and audits OUT as a user of the dataset sees it: every",
         "manifest id indexed exactly once, every output present, decodable and matching its index row",
         "(size, frame count, and `bytes`/`sha256` where the index has them), no output without an index",
         "row (orphans), no temporary files, no process of a killed driver left running. The harness is",
-        "`tests/chaos/` (`harness.py`: the audit, the driver killer, a moto S3 server; `scenarios.py`:",
-        "the scenarios). Re-run it all, or one scenario, with:",
+        "`tests/chaos/` (`harness.py`: the audit, the driver killer, a moto S3 server; `outage.py`: a",
+        "store that goes away and restarts; `workers.py`: worker, input, memory and checkpoint faults;",
+        "`scenarios.py`: the registry). Re-run it all, or one scenario, with:",
         "",
         "```bash",
         "python -m tests.chaos.report                      # every scenario (a few minutes each on 2 cores)",
         "python -m tests.chaos.report --only driver-kills-s3",
-        "python -m pytest -q tests/chaos                   # the same scenarios as tests",
+        "python -m pytest -q tests/chaos                   # the driver-kill and outage scenarios as tests",
         "```",
         "",
         "The figures below come from the last run of each scenario "
