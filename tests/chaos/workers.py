@@ -51,8 +51,8 @@ def _kill_workers(
     command: list[str], out: str, kills: int, rng: random.Random, logs: Path
 ) -> tuple[list, int, str]:
     """Run the render, SIGKILL a random worker busy rendering `kills` times (the first once rows
-    are committed, each later one 1.5-3.5 s after more rows were committed), and let the run finish. Returns (kills made, exit code,
-    output tail)."""
+    are committed, each later one 1.5-3.5 s after more rows were committed), and let the run
+    finish. Returns (kills made, exit code, the run's whole output)."""
     from cogdist.storage import open_location
 
     location = open_location(out)
@@ -87,7 +87,7 @@ def _kill_workers(
         if driver.poll() is None:
             driver.kill()
         settle_session(sid, 10.0)
-    return made, code, log.read_text(errors="replace")[-3000:]
+    return made, code, log.read_text(errors="replace")
 
 
 def worker_kills(workdir: Path, kills: int = 5, rows: int = 160, seed: int = 7, sp: int = 1) -> Outcome:
@@ -103,7 +103,7 @@ def worker_kills(workdir: Path, kills: int = 5, rows: int = 160, seed: int = 7, 
     if sp > 1:
         command[command.index("--replicas") + 1] = "1"  # one gang of `sp` on 2 cores
         command += ["--sp", str(sp), "--collective-timeout", "30"]
-    made, code, tail = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs")
+    made, code, said = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs")
     found = audit(out, ids)
     outcome = found.outcome(
         "gang-member-kills" if sp > 1 else "worker-kills",
@@ -113,10 +113,10 @@ def worker_kills(workdir: Path, kills: int = 5, rows: int = 160, seed: int = 7, 
         len(made),
         time.monotonic() - started,
         f"seed {seed}; rows indexed at each kill: {[r for _, r in made]}; run exit {code}; "
-        f"rebuilds logged: {tail.count('rebuilding it')}",
+        f"rebuilds logged: {said.count('rebuilding it')}",
     )
     if code != 0:
-        outcome.problems.append(f"the run exited {code}: {tail[-500:]}")
+        outcome.problems.append(f"the run exited {code}: {said[-500:]}")
     return outcome
 
 
