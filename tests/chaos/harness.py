@@ -545,19 +545,24 @@ def kill_repeatedly(
     grace: float = 10.0,
     stall: float = 120.0,
     final_timeout: float = 600.0,
+    total_rows: int | None = None,
     say: Callable[[str], None] = print,
 ) -> KillRecord:
     """Run `command` (a render driver) again and again, each time in a session of its own, and
     SIGKILL the driver at a random moment, `kills` times; then run it once more to completion.
 
     How a kill moment is chosen (`plan_modes` orders the kinds at random):
-    - startup: uniform in [0.3 s, T] after launch, T the latest observed time from launch to an
-      attempt's first commit (12 s before one is seen) — interpreter start, manifest scan, Ray
+    - startup: uniform in [0.3 s, T] after launch, T the shortest observed time from launch to
+      an attempt's first commit (12 s before one is seen) — interpreter start, manifest scan, Ray
       start, actors loading the model;
     - render: once this attempt's first commit shows in the index (so every such attempt makes
-      progress), uniform in [0, commit_interval] later — rows rendering, outputs uploading;
+      progress), uniform in [0, commit_interval] later — rows rendering and outputs being
+      written, mostly before the attempt's second commit;
     - commit: once the first commit shows, commit_interval ± 0.25 s later — around the next
       commit, when the index part is being written.
+    With `total_rows` (the manifest's size), an attempt is also killed as soon as the index has
+    grown by more than its share of the rows left, (left) / (kills left + 1), so that rows
+    remain for every planned kill whatever the machine's speed.
     An attempt that ends on its own before its moment is not a kill: it is noted, and the
     attempts go on while rows remain (a run that exits 0 has rendered every row, so it stops).
 
@@ -573,13 +578,15 @@ def kill_repeatedly(
         location = open_location(out_uri)
     record = KillRecord()
     modes = plan_modes(kills, rng)
-    first_commit = 12.0  # seconds from launch to an attempt's first commit; updated as seen
+    first_commit, seen_commit = 12.0, False  # seconds from launch to an attempt's first commit
     attempt = 0
     while record.kills < kills and attempt < 3 * kills:
         attempt += 1
         mode = modes[record.kills]
         log = logs / f"attempt-{attempt:02d}.log"
-        parts_before = _parts(location)
+        parts_before = parts_seen = _parts(location)
+        rows_before = count_rows(location)
+        share = max(1, (total_rows - rows_before) // (kills - record.kills + 1)) if total_rows else None
         started = time.monotonic()
         with open(log, "wb") as sink:
             driver = subprocess.Popen(
@@ -593,9 +600,15 @@ def kill_repeatedly(
             now = time.monotonic()
             if exited is not None:
                 break
-            if kill_at is None:
-                if _parts(location) > parts_before:
-                    first_commit = now - started
+            parts = _parts(location)
+            if parts > parts_seen:
+                parts_seen = parts
+                if share is not None and count_rows(location) - rows_before >= share:
+                    kill_at = now  # this attempt has had its share of the rows: kill it now
+            if kill_at is None and mode != STARTUP:
+                if parts > parts_before:
+                    first_commit = min(first_commit, now - started) if seen_commit else now - started
+                    seen_commit = True
                     delay = (
                         rng.uniform(0.0, commit_interval)
                         if mode == RENDER
@@ -607,7 +620,7 @@ def kill_repeatedly(
                     kill_at = now
             if kill_at is not None and now >= kill_at:
                 break
-            time.sleep(0.2 if kill_at is None else min(0.05, max(0.0, kill_at - now)))
+            time.sleep(min(0.2, max(0.0, kill_at - now)) if kill_at is not None else 0.2)
         if exited is not None:
             record.early_exits.append(f"attempt {attempt} ({mode}) exit {exited} after {now - started:.1f}s")
             say(f"  attempt {attempt}: ended by itself (exit {exited}) before its {mode} kill")

@@ -52,7 +52,9 @@ def driver_kills(
     injected = "SIGKILL of the driver at a random moment (startup / mid-render / around a commit)"
     if storage == "local":
         out = str(workdir / "out")
-        record = kill_repeatedly(render_command(manifest, out), out, kills, rng, logs=workdir / "logs")
+        record = kill_repeatedly(
+            render_command(manifest, out), out, kills, rng, logs=workdir / "logs", total_rows=rows
+        )
         found = audit(out, ids)
         extra = []
     else:
@@ -60,7 +62,7 @@ def driver_kills(
             make_bucket(env, "chaos")
             out = "s3://chaos/driver-kills"
             record = kill_repeatedly(
-                render_command(manifest, out), out, kills, rng, env, logs=workdir / "logs"
+                render_command(manifest, out), out, kills, rng, env, logs=workdir / "logs", total_rows=rows
             )
             with patched_environ(env):
                 found = audit(out, ids)
@@ -73,7 +75,12 @@ def driver_kills(
         time.monotonic() - started,
         "; ".join([f"seed {seed}", record.summary(), *extra]),
     )
-    outcome.problems = record.problems + outcome.problems
+    short = (
+        [f"only {record.kills} of {kills} kills landed: the job finished first"]
+        if record.kills < kills
+        else []
+    )
+    outcome.problems = short + record.problems + outcome.problems
     return outcome
 
 
