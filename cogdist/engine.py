@@ -258,6 +258,7 @@ class RenderLoop:
         self.failed = 0
         self.first_ready = 0.0  # perf_counter() when the first replica became ready
         self.last_commit = 0.0  # perf_counter() after the last commit
+        self.commit_failed = False  # the store refused the index for --storage-timeout
         if self.options.progress:
             self.progress.write(
                 f"cogdist: {n} replica(s) of {gang_spec.describe()} on a cluster with "
@@ -268,7 +269,6 @@ class RenderLoop:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
-        committed = True  # false while the store refuses the index
         try:
             for replica in self.replicas:
                 self._start(replica)
@@ -289,12 +289,10 @@ class RenderLoop:
                     pending >= COMMIT_ROWS
                     or time.perf_counter() - self.last_commit >= self.options.commit_interval
                 ):
-                    committed = False
                     self._commit()
-                    committed = True
         finally:
             try:
-                if committed:  # else it has just failed for --storage-timeout: do not wait again
+                if not self.commit_failed:  # it failed for --storage-timeout: do not wait again
                     self._commit()
             finally:
                 for replica in self.replicas:
@@ -463,6 +461,7 @@ class RenderLoop:
             self.index.commit()
             self.failures.commit()
         except StorageError as e:
+            self.commit_failed = True
             raise StorageError(
                 f"stopped: the index cannot be written ({e}). Rows rendered since the last commit will "
                 "be rendered again; run the same command again to resume once the store is reachable."

@@ -135,11 +135,16 @@ class Location:
         return info.type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
-        try:
-            with self.fs.open_input_stream(self.path(rel)) as stream:
-                return stream.readall()
-        except FileNotFoundError as e:
-            raise StorageError(f"{self.uri_of(rel)} does not exist") from e
+        """The whole file at `rel`, retrying transient errors for up to `retry_seconds`."""
+
+        def read() -> bytes:
+            try:
+                with self.fs.open_input_stream(self.path(rel)) as stream:
+                    return stream.readall()
+            except FileNotFoundError as e:
+                raise StorageError(f"{self.uri_of(rel)} does not exist") from e
+
+        return _retry(read, self.retry_seconds, f"read {self.uri_of(rel)}")
 
     def list_files(self, rel: str, suffix: str = "") -> list[pafs.FileInfo]:
         """Files directly under `rel` ending in `suffix`, sorted; hidden ('.', '_') names skipped."""
@@ -157,10 +162,6 @@ class Location:
         return sorted(infos, key=lambda info: info.path)
 
     # -- writing ---------------------------------------------------------------------------
-
-    def read_bytes_retrying(self, rel: str) -> bytes:
-        """`read_bytes`, retrying transient errors for up to `retry_seconds`."""
-        return _retry(lambda: self.read_bytes(rel), self.retry_seconds, f"read {self.uri_of(rel)}")
 
     def write_bytes(self, rel: str, data: bytes, *, durable: bool = False) -> None:
         """Store `data` at `rel` completely or not at all, retrying transient errors for up to
@@ -298,7 +299,7 @@ def read_uri(uri: str, retry_seconds: float = RETRY_SECONDS) -> bytes:
             raise StorageError(f"{location.public_uri} does not exist")
         if info.type != pafs.FileType.File:
             raise StorageError(f"{location.public_uri} is not a file")
-        return location.read_bytes_retrying("")
+        return location.read_bytes("")
     except StorageError:
         raise
     except (OSError, ValueError) as e:

@@ -57,7 +57,7 @@ def check_resume(out: Location, settings: JobSettings) -> bool:
     """True when OUT already holds this job; raise ResumeConflictError when it holds another."""
     if not out.exists(JOB_RECORD):
         return False
-    recorded = json.loads(out.read_bytes_retrying(JOB_RECORD))["settings"]
+    recorded = json.loads(out.read_bytes(JOB_RECORD))["settings"]
     ours = asdict(settings)
     ours["columns"] = list(settings.columns)
     # A setting an older record lacks was off (or did not apply) then.

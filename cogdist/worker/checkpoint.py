@@ -175,7 +175,7 @@ class StepCheckpoints:
         payloads = []
         for item in items:
             try:
-                data = self.out.read_bytes_retrying(checkpoint_path(item))
+                data = self.out.read_bytes(checkpoint_path(item))
                 payload = torch.load(io.BytesIO(data), weights_only=True)  # never unpickles code
             except Exception as e:  # a damaged checkpoint only costs the steps it saved
                 print(f"cogdist worker: ignoring checkpoint of {item.id}: {e}", file=sys.stderr, flush=True)
