@@ -349,7 +349,7 @@ class RenderLoop:
                 if self.options.progress and replica.restarts:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
             return
-        self._record(*self.scheduler.complete(unit_id, result.items, result.seconds))
+        self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
 
     def _start(self, replica: Replica) -> None:
         refs = replica.gang.start()
@@ -405,9 +405,9 @@ class RenderLoop:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _record(self, finished: list[Finished], failed: list[Failed]) -> None:
+    def _record(self, finished: list[Finished], failed: list[Failed], replica: int | None = None) -> None:
         if finished:
-            self.index.add([self._index_row(f) for f in finished])
+            self.index.add([self._index_row(f, replica) for f in finished])
             self.done += len(finished)
         if failed:
             self.failures.add(
@@ -428,7 +428,7 @@ class RenderLoop:
         if finished or failed:
             self.progress.advance(done=len(finished), failed=len(failed))
 
-    def _index_row(self, finished: Finished) -> dict:
+    def _index_row(self, finished: Finished, replica: int | None) -> dict:
         item = finished.row.item
         frames = finished.result.frames or item.num_frames
         row = dict(finished.row.manifest_row)
@@ -451,6 +451,7 @@ class RenderLoop:
             bytes=finished.result.bytes_written,
             sha256=finished.result.sha256,
             render_seconds=finished.result.render_seconds,
+            replica=replica,
             finished_at=now_utc(),
             attempts=finished.row.attempts + 1,
         )

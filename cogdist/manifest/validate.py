@@ -62,6 +62,7 @@ RESERVED = (
     "bytes",
     "sha256",
     "render_seconds",
+    "replica",
     "finished_at",
     "attempts",
     "task",

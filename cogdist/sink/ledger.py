@@ -46,6 +46,7 @@ RESULT_FIELDS = [
     pa.field("bytes", pa.int64()),
     pa.field("sha256", pa.string()),
     pa.field("render_seconds", pa.float64()),
+    pa.field("replica", pa.int64()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
     pa.field("attempts", pa.int64()),
 ]
