@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from cogdist.api import JobStatus, models, render, status, validate  # noqa: E402
+from cogdist.api import JobStatus, models, render, report, status, validate  # noqa: E402
 from cogdist.engine import RenderSummary  # noqa: E402
 from cogdist.options import RenderOptions  # noqa: E402
 
@@ -13,6 +13,7 @@ __all__ = [
     "__version__",
     "models",
     "render",
+    "report",
     "status",
     "validate",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +19,9 @@ from cogdist.scheduler.pending import scan_pending
 from cogdist.sink.job import JOB_RECORD
 from cogdist.sink.ledger import FAILURES, INDEX, read_ids, read_table
 from cogdist.storage import open_location
+
+if TYPE_CHECKING:
+    from cogdist.reporting import ReportFiles
 
 _OPTION_NAMES = {f.name for f in fields(RenderOptions)} - {"manifest", "model", "out"}
 
@@ -83,3 +87,11 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
         failed_ids = table["id"].combine_chunks() if table is not None else pa.array([], pa.string())
         pending = scan_pending(ManifestSource(manifest), done, failed_ids).pending
     return JobStatus(location.public_uri, model, len(done), failed, pending, failures)
+
+
+def report(out: str, *, html: str | None = None, png: str | None = None, samples: int = 24) -> ReportFiles:
+    """Write an HTML page (default OUT/report.html) and a PNG (default OUT/report.png) of the job in
+    `out`: throughput over time, busy fraction per replica, failures by reason, sampled outputs."""
+    from cogdist.reporting import write_report  # matplotlib: loaded only when a report is made
+
+    return write_report(out, html, png, samples)

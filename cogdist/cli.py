@@ -1,4 +1,4 @@
-"""`cogdist` command line: render, validate, status, models. A thin layer over cogdist.api."""
+"""`cogdist` command line: render, validate, status, report, models. A thin layer over cogdist.api."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import sys
 from dataclasses import asdict
 
 from cogdist import __version__
-from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, CogdistError
+from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_ROWS_FAILED, CogdistError
+from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
 from cogdist.storage import RETRY_SECONDS
+from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK_THRESHOLD
+from cogdist.worker.cache import NONE as NO_CACHE
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
 
 EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorded under OUT/failures)
@@ -104,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--save-frames", action="store_true", help="video models: also write every frame as a PNG"
     )
+    render.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=FILES,
+        help="files: one file per row under outputs/ (default); webdataset: tar shards under shards/; "
+        "parquet: Hugging Face datasets Parquet with the media embedded, under data/",
+    )
+    render.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help=f"samples per shard with --dataset webdataset/parquet (default {DEFAULT_SHARD_SIZE})",
+    )
     memory = render.add_argument_group("memory (default: the model's; see `cogdist models`)")
     memory.add_argument(
         "--vae-tiling", action=argparse.BooleanOptionalAction, help="decode in overlapping tiles"
@@ -118,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument(
         "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
+    )
+    render.add_argument(
+        "--cache",
+        choices=CACHE_KINDS,
+        default=NO_CACHE,
+        help="step cache on the transformer: reuse work between denoising steps (faster, pixels differ "
+        "slightly; default none). CogView4: first-block, taylorseer; CogVideoX: also pab",
+    )
+    render.add_argument(
+        "--cache-threshold",
+        type=float,
+        metavar="T",
+        help=f"--cache first-block: skip the other blocks while the first block's output changed by "
+        f"less than T (relative; default {FIRST_BLOCK_THRESHOLD}); higher skips more",
     )
     render.add_argument(
         "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
@@ -156,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("out")
     status.add_argument("--manifest", help="count pending rows of this manifest too")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 only when the job is complete: 3 when manifest rows are pending, 1 when rows failed",
+    )
+
+    report = commands.add_parser(
+        "report", help="an HTML page and a PNG of a job: throughput, replicas, failures, samples"
+    )
+    report.add_argument("out", help="the job's OUT (local path or s3:// / gs:// URI)")
+    report.add_argument("--html", help="where to write the page (default OUT/report.html)")
+    report.add_argument("--png", help="where to write the PNG (default OUT/report.png)")
+    report.add_argument(
+        "--samples", type=int, default=24, help="outputs shown on the contact sheet (default 24)"
+    )
 
     models = commands.add_parser("models", help="list the model presets")
     models.add_argument("--json", action="store_true", help="print JSON")
@@ -182,6 +228,8 @@ def _render(args: argparse.Namespace) -> int:
         format=args.format,
         quality=args.quality,
         dtype=args.dtype,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
         address=args.address,
         cpus_per_worker=args.cpus_per_worker,
         overwrite=args.overwrite,
@@ -194,6 +242,8 @@ def _render(args: argparse.Namespace) -> int:
         frames=args.frames,
         fps=args.fps,
         save_frames=args.save_frames,
+        dataset=args.dataset,
+        shard_size=args.shard_size,
         vae_tiling=args.vae_tiling,
         vae_slicing=args.vae_slicing,
         cpu_offload=args.cpu_offload,
@@ -227,9 +277,10 @@ def _status(args: argparse.Namespace) -> int:
     from cogdist.api import status
 
     result = status(args.out, args.manifest)
+    code = _status_exit_code(result) if args.check else EXIT_OK
     if args.json:
         print(json.dumps(asdict(result), indent=2))
-        return EXIT_OK
+        return code
     print(f"{result.out}: model {result.model}")
     print(f"  done     {result.done}")
     print(f"  failed   {result.failed}")
@@ -237,6 +288,28 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  pending  {result.pending}")
     for item_id, error, attempts in result.failures:
         print(f"  failed {item_id!r} after {attempts} attempt(s): {error.splitlines()[0][:200]}")
+    return code
+
+
+def _status_exit_code(result) -> int:
+    # Pending before failed: the next step is then to resume the render, which finishes the
+    # rest; failed rows are the question once nothing is pending. No --manifest: pending unknown.
+    if result.pending:
+        return EXIT_PENDING
+    if result.failed:
+        return EXIT_ROWS_FAILED
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cogdist.api import report
+
+    files = report(args.out, html=args.html, png=args.png, samples=args.samples)
+    print(f"report of {files.done} done and {files.failed} failed rows")
+    if files.done == 0:
+        print("  no row has finished yet: the report shows the failures alone")
+    print(f"  page  {files.html}")
+    print(f"  png   {files.png}")
     return EXIT_OK
 
 
@@ -277,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     signal.signal(signal.SIGTERM, _terminate)
-    handlers = {"render": _render, "validate": _validate, "status": _status, "models": _models}
+    handlers = {
+        "render": _render,
+        "validate": _validate,
+        "status": _status,
+        "report": _report,
+        "models": _models,
+    }
     try:
         return handlers[args.command](args)
     except CogdistError as e:

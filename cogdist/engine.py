@@ -20,16 +20,19 @@ from cogdist.executor.cluster import Cluster, connect, disconnect
 from cogdist.executor.gang import Gang, GangSpec, GangState, RestartPolicy
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.manifest.rows import RowDefaults
+from cogdist.metrics import RenderMetrics
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
 from cogdist.parallel.check import check_layout
 from cogdist.progress import Progress
 from cogdist.scheduler import Failed, Finished, Scheduler
 from cogdist.scheduler.pending import PendingSet, pending_rows, scan_pending
+from cogdist.sink.dataset import FILES, ShardWriter, prepare_shards
 from cogdist.sink.encode import extension
 from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job_record
 from cogdist.sink.ledger import FAILURE_SCHEMA, FAILURES, INDEX, PartWriter, index_schema, now_utc, read_ids
 from cogdist.storage import Location, open_location
+from cogdist.worker.cache import NONE as NO_CACHE
 from cogdist.worker.worker import RenderWorker, WorkerSettings
 
 COMMIT_ROWS = 1000  # commit early when this many rows are waiting
@@ -132,6 +135,9 @@ def plan(options: RenderOptions) -> Plan:
         fps=spec.fps,
         vae_tiling=bool(options.vae_tiling),
         save_frames=options.save_frames,
+        dataset=None if options.dataset == FILES else options.dataset,
+        cache=None if options.cache == NO_CACHE else options.cache,
+        cache_threshold=options.cache_threshold,
     )
     return Plan(options, spec, source, out, settings)
 
@@ -247,13 +253,25 @@ class RenderLoop:
             collective_timeout=self.options.collective_timeout,
             storage_timeout=self.options.storage_timeout,
             step_checkpoint=self.options.step_checkpoint,
+            cache=self.options.cache,
+            cache_threshold=self.options.cache_threshold,
+            return_outputs=self.options.dataset != FILES,
         )
         args = (job.spec, job.out.worker_uri, settings)
         self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
         self.waiting: dict = {}  # ObjectRef -> (Replica, unit id or None for a setup call)
         self.index = PartWriter(job.out, INDEX, index_schema(job.source.schema))
+        self.shards: ShardWriter | None = None
+        if self.options.dataset != FILES:
+            first = prepare_shards(job.out, self.options.dataset)
+            self.shards = ShardWriter(
+                job.out, self.options.dataset, self.options.shard_size, first, self.index.schema
+            )
         self.failures = PartWriter(job.out, FAILURES, FAILURE_SCHEMA)
         self.progress = Progress(counts.pending, self.options.progress, n)
+        self.total = counts.pending
+        self.metrics = RenderMetrics(job.out.public_uri, job.spec.name)
+        self.metrics.rows([], 0, counts.pending)
         self.done = 0
         self.failed = 0
         self.first_ready = 0.0  # perf_counter() when the first replica became ready
@@ -284,6 +302,7 @@ class RenderLoop:
                     if ref in self.waiting:  # a replica loss may have dropped it meanwhile
                         self._handle(ref)
                 self._watch_placement()
+                self._show_replicas()
                 pending = self.index.pending + self.failures.pending
                 if pending and (
                     pending >= COMMIT_ROWS
@@ -293,7 +312,7 @@ class RenderLoop:
         finally:
             try:
                 if not self.commit_failed:  # it failed for --storage-timeout: do not wait again
-                    self._commit()
+                    self._commit(flush_shards=True)
             finally:
                 for replica in self.replicas:
                     replica.gang.kill()
@@ -345,10 +364,11 @@ class RenderLoop:
             if not replica.setup_pending:
                 replica.gang.state = GangState.READY
                 self.first_ready = self.first_ready or time.perf_counter()
-                self.progress.set_ready(sum(r.ready for r in self.replicas))
+                self._show_replicas()
                 if self.options.progress and replica.restarts:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
             return
+        self.metrics.steps(result.step_seconds)
         self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
 
     def _start(self, replica: Replica) -> None:
@@ -368,7 +388,7 @@ class RenderLoop:
                 failed += self.scheduler.unit_lost(unit_id, reason)
         replica.gang.kill()
         replica.last_error = reason
-        self.progress.set_ready(sum(r.ready for r in self.replicas))
+        self._show_replicas()
         self._record([], failed)
         if self.policy.should_restart(replica.restarts):
             replica.restarts += 1
@@ -381,6 +401,19 @@ class RenderLoop:
             self.progress.write(
                 f"cogdist: replica {replica.index} given up after {replica.restarts} rebuilds: {reason}"
             )
+
+    def _show_replicas(self) -> None:
+        holding = {id(r) for r, unit in self.waiting.values() if unit is not None}
+        states = []
+        for replica in self.replicas:
+            if replica.ready:
+                states.append("busy" if id(replica) in holding else "idle")
+            elif replica.gang.state == GangState.DEAD:
+                states.append("lost")
+            else:
+                states.append("restarting" if replica.restarts else "starting")
+        self.progress.set_replicas(states)
+        self.metrics.replicas_ready.set(states.count("busy") + states.count("idle"))
 
     def _all_replicas_lost(self) -> str:
         reasons = "\n".join(f"  replica {r.index}: {r.last_error}" for r in self.replicas)
@@ -407,7 +440,12 @@ class RenderLoop:
 
     def _record(self, finished: list[Finished], failed: list[Failed], replica: int | None = None) -> None:
         if finished:
-            self.index.add([self._index_row(f, replica) for f in finished])
+            rows = [self._index_row(f, replica) for f in finished]
+            if self.shards is None:
+                self.index.add(rows)
+            else:  # the rows enter the index once their shard is written
+                for row, f in zip(rows, finished):
+                    self.shards.add(row, f.result.data or b"", extension(self.options.format))
             self.done += len(finished)
         if failed:
             self.failures.add(
@@ -427,6 +465,11 @@ class RenderLoop:
                 self.progress.write(f"cogdist: row {f.row.item.id!r} failed: {f.error.splitlines()[0][:300]}")
         if finished or failed:
             self.progress.advance(done=len(finished), failed=len(failed))
+            self.metrics.rows(
+                [f.result.render_seconds for f in finished], len(failed), self.total - self.done - self.failed
+            )
+        if self.shards is not None and self.shards.full:
+            self._commit(flush_shards=True)
 
     def _index_row(self, finished: Finished, replica: int | None) -> dict:
         item = finished.row.item
@@ -457,8 +500,11 @@ class RenderLoop:
         )
         return row
 
-    def _commit(self) -> None:
+    def _commit(self, flush_shards: bool = False) -> None:
+        """Commit finished rows (after writing their shard, in a dataset mode) and failures."""
         try:
+            if flush_shards and self.shards is not None:
+                self.index.add(self.shards.flush())
             self.index.commit()
             self.failures.commit()
         except StorageError as e:

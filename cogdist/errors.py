@@ -7,6 +7,7 @@ from dataclasses import dataclass
 EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
 EXIT_REFUSED = 2  # bad manifest, bad arguments, conflicting resume: nothing was rendered
+EXIT_PENDING = 3  # `cogdist status --check`: manifest rows are neither done nor failed
 EXIT_INTERRUPTED = 130
 
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass, replace
 from cogdist.errors import UsageError
 from cogdist.models.registry import ModelSpec
 from cogdist.parallel.check import check_layout
+from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
 from cogdist.storage import RETRY_SECONDS
+from cogdist.worker.cache import FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NONE, check_step_cache
 from cogdist.worker.worker import DTYPES
 
 
@@ -58,6 +60,12 @@ class RenderOptions:
     default."""
     dtype: str = "auto"
     """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    cache: str = NONE
+    """Step cache on the transformer: none, first-block, taylorseer or pab (see cogdist.worker.cache).
+    Fewer transformer computations; outputs differ slightly from uncached ones."""
+    cache_threshold: float | None = None
+    """--cache first-block: relative change of the first block's output below which the other
+    blocks are skipped (default FIRST_BLOCK_THRESHOLD); higher skips more."""
     allow_pickle: bool = False
     """Load .bin/.pt pickle weights of a checkpoint that has no safetensors. Unpickling can run
     code: only for checkpoints you trust."""
@@ -84,6 +92,12 @@ class RenderOptions:
     long items are saved); 0: never."""
     max_gang_restarts: int = 3
     """Times a replica is rebuilt after its workers die before it is given up."""
+    dataset: str = "files"
+    """How outputs are stored: "files" (one file per row under outputs/), "webdataset" (tar shards
+    under shards/) or "parquet" (Hugging Face datasets Parquet with the media embedded, under data/)."""
+    shard_size: int = DEFAULT_SHARD_SIZE
+    """--dataset webdataset/parquet: samples per shard. Samples wait in the driver's memory until
+    their shard is written; a killed run renders the unwritten ones again."""
     commit_interval: float = 2.0
     """Seconds between index commits (finished rows are committed in one Parquet part)."""
     progress: bool = True
@@ -131,6 +145,29 @@ class RenderOptions:
                     f"--step-checkpoint: {spec.name} renders an image in one short call; "
                     "step checkpoints are for video models"
                 )
+        check_step_cache(
+            spec.family,
+            spec.name,
+            self.cache,
+            self.cache_threshold,
+            gang_size=self.gang_size,
+            batch_size=self.batch_size,
+        )
+        if self.cache != NONE and self.step_checkpoint:
+            # Tested: a resumed row restarts the cache's state and differs from an uninterrupted one.
+            raise UsageError(
+                "--step-checkpoint: a render resumed from a step checkpoint starts the step cache over, "
+                "so its output would differ from an uninterrupted one: with --cache, step checkpoints "
+                "are off (drop --step-checkpoint or --cache)"
+            )
+        if self.dataset not in DATASETS:
+            raise UsageError(f"--dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.dataset != FILES and self.save_frames:
+            raise UsageError(
+                f"--save-frames writes files beside each video; not with --dataset {self.dataset}"
+            )
         if not self.collective_timeout > 0:
             raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
@@ -163,4 +200,11 @@ class RenderOptions:
             vae_tiling=spec.vae_tiling if self.vae_tiling is None else self.vae_tiling,
             vae_slicing=spec.vae_slicing if self.vae_slicing is None else self.vae_slicing,
             cpu_offload=spec.cpu_offload if self.cpu_offload is None else self.cpu_offload,
+            cache_threshold=FIRST_BLOCK_THRESHOLD
+            if self.cache == FIRST_BLOCK and self.cache_threshold is None
+            else self.cache_threshold,
+            # A step checkpoint cannot hold the cache's state (see check): none by default.
+            step_checkpoint=0
+            if self.cache != NONE and self.step_checkpoint is None
+            else self.step_checkpoint,
         )

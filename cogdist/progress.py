@@ -1,10 +1,14 @@
-"""The progress line of a render: done/failed, items/s and ETA, replicas ready."""
+"""The progress line of a render: done/failed/pending, items/s and ETA, and each replica's state."""
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 from tqdm import tqdm
+
+# Beyond this many replicas the line counts them by state instead of listing each one.
+LISTED_REPLICAS = 8
 
 
 class Progress:
@@ -21,22 +25,34 @@ class Progress:
             mininterval=0.5 if tty else 10.0,
             smoothing=0.1,
         )
+        self.total = total
+        self.done = 0
         self.failed = 0
-        self.replicas = replicas
-        self.ready = 0
+        self.replicas = ["starting"] * replicas
         self._postfix()
 
     def _postfix(self) -> None:
-        self.bar.set_postfix_str(f"failed={self.failed} replicas={self.ready}/{self.replicas}", refresh=False)
+        self.bar.set_postfix_str(self.describe(), refresh=False)
+
+    def describe(self) -> str:
+        """`done=3 failed=0 pending=5 | replicas 0:busy 1:starting` (or counts per state)."""
+        pending = self.total - self.done - self.failed
+        if len(self.replicas) <= LISTED_REPLICAS:
+            states = " ".join(f"{i}:{state}" for i, state in enumerate(self.replicas))
+        else:
+            states = ", ".join(f"{n} {state}" for state, n in sorted(Counter(self.replicas).items()))
+        return f"done={self.done} failed={self.failed} pending={pending} | replicas {states}"
 
     def advance(self, done: int = 0, failed: int = 0) -> None:
+        self.done += done
         self.failed += failed
         self._postfix()
         self.bar.update(done + failed)
 
-    def set_ready(self, ready: int) -> None:
-        if ready != self.ready:
-            self.ready = ready
+    def set_replicas(self, states: list[str]) -> None:
+        """Each replica's state: starting, restarting, idle, busy or lost."""
+        if states != self.replicas:
+            self.replicas = list(states)
             self._postfix()
             self.bar.refresh()
 

@@ -82,6 +82,8 @@ class ItemResult:
     render_seconds: float = 0.0
     frames: int | None = None
     """Frames of a video output as rendered (CogVideoX 1.5 video-to-video may differ from the input)."""
+    data: bytes | None = None
+    """The encoded output itself, when the driver stores it (--dataset webdataset/parquet)."""
 
 
 @dataclass(frozen=True)
@@ -90,3 +92,5 @@ class UnitResult:
     items: tuple[ItemResult, ...]
     seconds: float
     """Wall time of the whole unit on the worker, from receipt to last write."""
+    step_seconds: tuple[float, ...] = ()
+    """Time of each denoising step after the first, of each pipeline call (for metrics)."""

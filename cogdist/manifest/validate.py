@@ -61,6 +61,7 @@ RESERVED = (
     "format",
     "bytes",
     "sha256",
+    "sample_key",
     "render_seconds",
     "replica",
     "finished_at",

@@ -7,12 +7,22 @@ from dataclasses import asdict, dataclass
 
 from cogdist import __version__
 from cogdist.errors import ResumeConflictError
+from cogdist.sink.dataset import SHARD_FOLDERS
 from cogdist.sink.ledger import FAILURES, INDEX, now_utc
 from cogdist.sink.naming import OUTPUTS
 from cogdist.storage import Location
 
 JOB_RECORD = "_cogdist/job.json"
-OWNED = (INDEX, FAILURES, OUTPUTS, "_cogdist")  # what --overwrite removes; nothing else in OUT
+OWNED = (
+    INDEX,
+    FAILURES,
+    OUTPUTS,
+    *SHARD_FOLDERS.values(),
+    "_cogdist",
+)  # what --overwrite removes; nothing else in OUT
+REPORT_HTML = "report.html"
+REPORT_PNG = "report.png"
+OWNED_FILES = (REPORT_HTML, REPORT_PNG)  # `cogdist report`'s default files, which --overwrite removes too
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,11 @@ class JobSettings:
     vae_tiling: bool = False
     """Tiled decoding blends tiles, which changes pixels slightly."""
     save_frames: bool = False
+    dataset: str | None = None
+    """--dataset webdataset or parquet; None: one file per row."""
+    cache: str | None = None
+    """--cache: a step cache skips transformer work and changes pixels; None: no cache."""
+    cache_threshold: float | None = None
 
 
 _FLAGS = {
@@ -50,6 +65,9 @@ _FLAGS = {
     "fps": "--fps",
     "vae_tiling": "--vae-tiling",
     "save_frames": "--save-frames",
+    "dataset": "--dataset",
+    "cache": "--cache",
+    "cache_threshold": "--cache-threshold",
 }
 
 
@@ -89,3 +107,5 @@ def clear_outputs(out: Location) -> None:
     """Start over: remove everything cogdist wrote under OUT (and nothing else)."""
     for folder in OWNED:
         out.delete_tree(folder)
+    for name in OWNED_FILES:
+        out.delete(name)

@@ -45,6 +45,7 @@ RESULT_FIELDS = [
     pa.field("format", pa.string()),
     pa.field("bytes", pa.int64()),
     pa.field("sha256", pa.string()),
+    pa.field("sample_key", pa.string()),
     pa.field("render_seconds", pa.float64()),
     pa.field("replica", pa.int64()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
@@ -138,10 +139,24 @@ def _ids(table: pa.Table) -> pa.Array:
     return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
 
 
-def read_table(location: Location, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+def read_table(
+    location: Location,
+    folder: str,
+    columns: list[str] | None = None,
+    filter: ds.Expression | None = None,
+) -> pa.Table | None:
+    dataset = _dataset(location, folder)
+    return None if dataset is None else dataset.to_table(columns=columns, filter=filter)
+
+
+def read_schema(location: Location, folder: str) -> pa.Schema | None:
+    """The columns `read_table` can read from `folder` (None when it has no part yet)."""
+    dataset = _dataset(location, folder)
+    return None if dataset is None else dataset.schema
+
+
+def _dataset(location: Location, folder: str) -> ds.Dataset | None:
     parts = location.list_files(folder, ".parquet")
     if not parts:
         return None
-    return ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet").to_table(
-        columns=columns
-    )
+    return ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet")

@@ -32,3 +32,10 @@ def output_path(item_id: str, extension: str) -> str:
 def frames_folder(item_id: str) -> str:
     """Where --save-frames puts a video's PNG frames: beside the video, named like it."""
     return output_path(item_id, "frames")
+
+
+def sample_key(item_id: str) -> str:
+    """A sample's key in a dataset shard: like its file name, without dots (WebDataset readers
+    take everything after a name's first dot for the extension)."""
+    digest = hashlib.sha256(item_id.encode("utf-8")).hexdigest()
+    return f"{slug(item_id).replace('.', '_')}_{digest[:20]}"

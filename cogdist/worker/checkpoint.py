@@ -121,12 +121,16 @@ class StepCheckpoints:
             return real_forward(*args, **kwargs)
 
         had_forward = "forward" in vars(transformer)  # diffusers' hooks set one on the instance
+        had_step = "step" in vars(scheduler)  # cogdist.metrics times the steps around this
         scheduler.step = step
         transformer.forward = forward
         try:
             yield
         finally:
-            del scheduler.step
+            if had_step:
+                scheduler.step = real_step
+            else:
+                del scheduler.step
             if had_forward:
                 transformer.forward = real_forward
             else:

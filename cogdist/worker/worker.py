@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cogdist.errors import GangBroken
+from cogdist.metrics import timing_steps
 from cogdist.models.registry import ModelSpec
 from cogdist.sink.encode import encode_image, encode_video
 from cogdist.storage import RETRY_SECONDS, open_location
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
+from cogdist.worker.cache import apply_step_cache, reset_step_cache
 from cogdist.worker.checkpoint import StepCheckpoints
 from cogdist.worker.inputs import InputError, load_inputs
 
@@ -56,6 +58,12 @@ class WorkerSettings:
     """Seconds a read or write of OUT or of an input is retried through transient errors."""
     step_checkpoint: int | None = None
     """Video models: save the denoising state every N steps; None: every CHECKPOINT_SECONDS; 0: never."""
+    return_outputs: bool = False
+    """Return each encoded output to the driver, which writes dataset shards, instead of storing it."""
+    cache: str = "none"
+    """Step cache on the transformer (cogdist.worker.cache): none, first-block, taylorseer or pab."""
+    cache_threshold: float | None = None
+    """--cache first-block's threshold; None: its default."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ class RenderWorker:
         pipe = self.family.load_pipeline(self.spec, getattr(torch, name))
         drop_first_rank_models(pipe, self.gang, self.family.FIRST_RANK_MODELS)
         self.pipe = place(pipe, self.device, self.settings)
+        # Before the parallelism, so that the cache's hooks see their own rank's tokens.
+        apply_step_cache(self.pipe, self.settings.cache, self.settings.cache_threshold)
         if self.gang is not None:
             parallelize(self.pipe, self.gang, self.family.CFG_PARALLEL)
         self.out = open_location(self.out_uri, self.settings.storage_timeout)
@@ -184,8 +194,10 @@ class RenderWorker:
                     results[item.id] = ItemResult(item.id, ok=False, error=error)
         ready = [item for item in unit.items if item.id in loaded]
         inputs = [loaded[item.id] for item in ready]
+        step_seconds: list[float] = []
         if ready:
-            outputs = self._render_saving_memory_on_oom(ready, inputs)
+            with timing_steps(self.pipe.scheduler, step_seconds):
+                outputs = self._render_saving_memory_on_oom(ready, inputs)
             if (
                 self.gang is not None and not self.gang.is_writer
             ):  # rank 0 writes; the rest return nothing large
@@ -197,7 +209,12 @@ class RenderWorker:
             per_item = (time.perf_counter() - start) / len(ready)
             for result in written:
                 results[result.id] = replace(result, render_seconds=per_item) if result.ok else result
-        return UnitResult(unit.unit_id, tuple(results[i.id] for i in unit.items), time.perf_counter() - start)
+        return UnitResult(
+            unit.unit_id,
+            tuple(results[i.id] for i in unit.items),
+            time.perf_counter() - start,
+            tuple(step_seconds),
+        )
 
     def _render_saving_memory_on_oom(self, items: list[WorkItem], inputs: list) -> list[np.ndarray]:
         """The family's render; after running out of memory, once more row by row with every
@@ -209,6 +226,7 @@ class RenderWorker:
         import torch
 
         render_kwargs = {"gang": self.gang}
+        reset_step_cache(self.pipe)  # a call that failed midway leaves the cache's state behind
         if self.checkpoints is not None:
             render_kwargs["checkpoints"] = self.checkpoints
         try:
@@ -223,6 +241,7 @@ class RenderWorker:
             file=sys.stderr,
             flush=True,
         )
+        reset_step_cache(self.pipe)
         with saving_memory(self.pipe, self.device, self.settings):
             return [
                 self.family.render(self.pipe, [item], self.device, [row_inputs], **render_kwargs)[0]
@@ -246,7 +265,8 @@ class RenderWorker:
             data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
         else:
             data = encode_image(pixels, self.settings.format, self.settings.quality)
-        self.out.write_bytes(item.output, data)
+        if not self.settings.return_outputs:
+            self.out.write_bytes(item.output, data)
         frames = pixels.shape[0] if pixels.ndim == 4 else None
         return ItemResult(
             item.id,
@@ -254,6 +274,7 @@ class RenderWorker:
             bytes_written=len(data),
             frames=frames,
             sha256=hashlib.sha256(data).hexdigest(),
+            data=data if self.settings.return_outputs else None,
         )
 
 
