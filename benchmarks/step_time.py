@@ -2,7 +2,21 @@
 diffusers pipeline, on real-size architectures with random weights (no download).
 
     python benchmarks/step_time.py [--models cogvideox-5b glm-image cogview4-6b] [--steps 6]
+        [--attention-backends native,_native_cudnn,...] [--sdpa-routing stock,dispatcher]
+        [--compile] [--output NAME]
     python benchmarks/step_time.py --tiny      # the same code on the tiny presets, on a CPU
+
+One row per (model, path, SDPA routing, attention backend, compile on/off); path is cogdist's
+render or the stock pipeline call, both on the same loaded pipeline. The attention backend is
+set with diffusers' `set_attention_backend`, which only processors that call diffusers'
+`dispatch_attention_fn` honour: GLM-Image's do; the stock CogVideoX and CogView4 processors call
+`F.scaled_dot_product_attention` themselves, in both paths (cogdist routes them through the
+dispatcher only under sequence parallelism). `--sdpa-routing dispatcher` routes them as cogdist's
+sequence parallelism does, so that the backend reaches them; `backend_calls_per_step` counts the
+attention calls that reached the chosen backend. A backend that cannot run on this device is a
+"skipped" row with the reason. `--compile` adds rows with `torch.compile(transformer)` (default
+mode); a 2-step warm-up render precedes each measured one, and `compile_seconds` is the compiled
+warm-up less the uncompiled one (inductor's on-disk cache can make a repeat compile cheap).
 
 Each model's transformer and VAE are built from the real checkpoint's configs
 (tests/data/checkpoints) with random bf16 weights directly on the GPU. The text encoders are
@@ -17,10 +31,13 @@ benchmarks/results/step_time.json (step_time_tiny.json with --tiny).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -164,7 +181,123 @@ def transformer_flops(pipe, call) -> int:
     return total
 
 
-def run(name: str, tiny: bool, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
+def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why diffusers' attention backend `name` cannot run here, or None when it can.
+
+    The requirement check is the one `set_attention_backend` makes (packages, versions); a small
+    attention call then catches what it does not check (a CUDA-only kernel on a CPU, a missing
+    hub kernel, a dtype the kernel refuses)."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+        dispatch_attention_fn,
+    )
+
+    try:
+        backend = AttentionBackendName(name)
+    except ValueError:
+        return (
+            f"not a diffusers attention backend (known: {', '.join(b.value for b in AttentionBackendName)})"
+        )
+    try:
+        _check_attention_backend_requirements(backend)
+        query = torch.randn(1, 128, 2, 64, device=device, dtype=dtype)  # (batch, tokens, heads, dim)
+        dispatch_attention_fn(query, query, query, backend=backend)
+        synchronize(device)  # a CUDA kernel's failure surfaces here, not in a later row
+    except Exception as error:  # any failure means "not on this device": recorded, not raised
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    return None
+
+
+@contextlib.contextmanager
+def backend_call_counter(name: str) -> Iterator[list[int]]:
+    """Count the calls that reach backend `name`'s kernel through diffusers' dispatcher.
+
+    Whether a backend setting changes anything depends on the attention processor: only those
+    that call `dispatch_attention_fn` honour it, and the count shows which paths do."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    key, calls = AttentionBackendName(name), [0]
+    original = _AttentionBackendRegistry._backends[key]
+
+    def counted(**kwargs):
+        calls[0] += 1
+        return original(**kwargs)
+
+    _AttentionBackendRegistry._backends[key] = counted
+    try:
+        yield calls
+    finally:
+        _AttentionBackendRegistry._backends[key] = original
+
+
+def route_through_dispatcher(transformer: torch.nn.Module) -> dict:
+    """Route the stock CogVideoX/CogView4 processors' `F.scaled_dot_product_attention` through
+    diffusers' dispatcher, as cogdist does under sequence parallelism, so that a backend setting
+    reaches them. Returns the replaced processors, for `restore_processors`."""
+    from cogdist.parallel.sequence import _route_sdpa, dispatched
+
+    replaced = {}
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and not hasattr(processor, "_attention_backend"):
+            replaced[module] = processor
+            module.processor = dispatched(processor)
+    _route_sdpa()  # a no-op for every processor that is not a dispatched one
+    return replaced
+
+
+def restore_processors(replaced: dict) -> None:
+    for module, processor in replaced.items():
+        module.processor = processor
+
+
+def render_cogdist(pipe, module, item: WorkItem, device: torch.device, priors) -> None:
+    if priors is not None:
+        module.render(pipe, [item], device, [Inputs()], priors=priors)
+    else:
+        module.render(pipe, [item], device, [Inputs()])
+
+
+def timed_path(render, clock: StepClock, backend: str, count_calls: bool) -> dict:
+    """One path's figures: a 2-step warm-up render (which pays any compilation), then the
+    measured render."""
+    clock.stamps = []
+    start = time.perf_counter()
+    if count_calls:  # uncompiled only: a counter inside a compiled graph would be traced away
+        with backend_call_counter(backend) as calls:
+            render(WARMUP_STEPS)
+    else:
+        calls = None
+        render(WARMUP_STEPS)
+    warmup_seconds = time.perf_counter() - start
+    clock.stamps = []
+    render(None)
+    step_seconds = clock.step_seconds()
+    return {
+        "warmup_seconds": round(warmup_seconds, 3),
+        "backend_calls_per_step": None if calls is None else round(calls[0] / WARMUP_STEPS, 1),
+        "steps_timed": len(step_seconds),
+        "seconds_per_step": round(statistics.median(step_seconds), 4),
+    }
+
+
+WARMUP_STEPS = 2
+PATHS = ("cogdist", "stock")
+
+
+def run(
+    name: str,
+    tiny: bool,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    backends: list[str],
+    compile_modes: list[bool],
+    routings: list[str],
+    peak: float,
+) -> list[dict]:
+    """One row per (path, routing, backend, compile) for model `name`."""
     from cogdist.models import family_module
 
     family, _, preset, width, height, frames, guidance = MODELS[name]
@@ -176,19 +309,10 @@ def run(name: str, tiny: bool, steps: int, device: torch.device, dtype: torch.dt
         pipe = real_size_pipeline(name, device, dtype)
     module = family_module(family)
     task = "text-to-video" if frames else "text-to-image"
-    item = WorkItem(
-        "bench",
-        "a red fox running through snow",
-        None,
-        1,
-        width,
-        height,
-        steps,
-        guidance,
-        frames,
-        "o",
-        task=task,
-    )
+
+    def work_item(item_steps: int) -> WorkItem:
+        prompt = "a red fox running through snow"
+        return WorkItem("bench", prompt, None, 1, width, height, item_steps, guidance, frames, "o", task=task)
 
     extra: dict = {}
     priors = None
@@ -201,51 +325,122 @@ def run(name: str, tiny: bool, steps: int, device: torch.device, dtype: torch.dt
         )
         priors = [PriorTokens(tokens)]
         extra["prior_token_ids"] = tokens.to(device)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clock = StepClock(pipe, device)
-    if priors is not None:
-        module.render(pipe, [item], device, [Inputs()], priors=priors)
-    else:
-        module.render(pipe, [item], device, [Inputs()])
-    cogdist_steps = clock.step_seconds()
-
-    clock.stamps = []
-    kwargs = dict(
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        output_type="np",
-        **extra,
-    )
+    kwargs = dict(height=height, width=width, guidance_scale=guidance, output_type="np", **extra)
     if frames:
         kwargs["num_frames"] = frames
-    pipe(prompt=item.prompt, generator=torch.Generator("cpu").manual_seed(1), **kwargs)
-    stock_steps = clock.step_seconds()
 
-    # FLOPs of one step: the transformer calls (both CFG halves) of a one-step render.
+    def render(path: str, render_steps: int | None) -> None:
+        render_steps = render_steps or steps
+        if path == "cogdist":
+            render_cogdist(pipe, module, work_item(render_steps), device, priors)
+        else:
+            pipe(
+                prompt=work_item(render_steps).prompt,
+                generator=torch.Generator("cpu").manual_seed(1),
+                num_inference_steps=render_steps,
+                **kwargs,
+            )
+
+    # FLOPs of one step: the transformer calls (both CFG halves) of a one-step render, with the
+    # stock processors, uncompiled. Neither the backend nor compilation changes the count.
     flops = transformer_flops(
         pipe,
-        lambda: pipe(prompt=item.prompt, **{**kwargs, "num_inference_steps": 1, "output_type": "latent"}),
+        lambda: pipe(prompt="a red fox", **{**kwargs, "num_inference_steps": 1, "output_type": "latent"}),
     )
-    peak = matmul_peak(device, dtype)
-    cogdist_median, stock_median = statistics.median(cogdist_steps), statistics.median(stock_steps)
-    return {
-        "model": name if not tiny else f"{name} (tiny preset)",
-        "shape": {"width": width, "height": height, "frames": frames, "cfg": guidance > 1},
-        "steps_timed": len(cogdist_steps),
-        "cogdist_seconds_per_step": round(cogdist_median, 4),
-        "stock_seconds_per_step": round(stock_median, 4),
-        "cogdist_vs_stock": round(cogdist_median / stock_median, 3),
-        "tflops_per_step": round(flops / 1e12, 6),
-        "matmul_peak_tflops": round(peak / 1e12, 1),
-        "mfu_cogdist": round(flops / cogdist_median / peak, 4),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if device.type == "cuda"
-        else None,
-    }
+    # One untimed render per path first: the process's first render pays one-time costs (lazy
+    # imports, kernel and allocator warm-up, the VAE's first decode) that would otherwise land in
+    # the first row's warm-up and in its compile_seconds.
+    for path in PATHS:
+        render(path, 1)
+    clock = StepClock(pipe, device)
+    transformer = pipe.transformer
+    shape = {"width": width, "height": height, "frames": frames, "cfg": guidance > 1}
+    rows: list[dict] = []
+    for routing in routings:
+        replaced = route_through_dispatcher(transformer) if routing == "dispatcher" else {}
+        for backend in backends:
+            unavailable = backend_unavailable(backend, device, dtype)
+            if unavailable is None:
+                try:
+                    transformer.set_attention_backend(backend)
+                except Exception as error:  # e.g. a hub kernel it cannot download here
+                    unavailable = f"{type(error).__name__}: {error}"[:300]
+            for compiled in compile_modes:
+                pipe.transformer = transformer
+                if compiled and unavailable is None:
+                    torch._dynamo.reset()  # each compiled row pays (and reports) its own compile
+                    pipe.transformer = torch.compile(transformer)
+                for path in PATHS:
+                    row = {
+                        "model": name if not tiny else f"{name} (tiny preset)",
+                        "shape": shape,
+                        "path": path,
+                        "sdpa_routing": routing,
+                        "backend": backend,
+                        "compile": compiled,
+                    }
+                    if unavailable is not None:
+                        rows.append({**row, "status": "skipped", "reason": unavailable})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    try:
+                        figures = timed_path(
+                            functools.partial(render, path),
+                            clock,
+                            backend,
+                            count_calls=not compiled,
+                        )
+                    except Exception as error:  # e.g. a backend refusing a real shape: a row, not a crash
+                        message = str(error).splitlines()[0] if str(error) else ""
+                        rows.append(
+                            {**row, "status": "failed", "reason": f"{type(error).__name__}: {message}"}
+                        )
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
+                    rows.append(
+                        {
+                            **row,
+                            "status": "ok",
+                            **figures,
+                            "tflops_per_step": round(flops / 1e12, 6),
+                            "mfu": round(flops / figures["seconds_per_step"] / peak, 4),
+                            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                            if device.type == "cuda"
+                            else None,
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+            pipe.transformer = transformer
+        restore_processors(replaced)
+    transformer.set_attention_backend("native")
+    return relate(rows)
+
+
+def relate(rows: list[dict]) -> list[dict]:
+    """Add the figures that compare rows: cogdist against stock on the same settings, and the
+    compile time (the compiled cogdist row's warm-up less the uncompiled one's: cogdist runs
+    first after compiling, so it pays the compile; the stock row's warm-up shows any recompile).
+
+    The calls that reach the backend do not depend on compilation: a compiled row takes its
+    uncompiled twin's count."""
+
+    def key(row: dict, **change) -> tuple:
+        row = {**row, **change}
+        return row["model"], row["path"], row["sdpa_routing"], row["backend"], row["compile"]
+
+    ok = {key(row): row for row in rows if row["status"] == "ok"}
+    for row in ok.values():
+        stock = ok.get(key(row, path="stock"))
+        if row["path"] == "cogdist" and stock is not None:
+            row["cogdist_vs_stock"] = round(row["seconds_per_step"] / stock["seconds_per_step"], 3)
+        eager = ok.get(key(row, compile=False))
+        if row["compile"] and eager is not None:
+            row["backend_calls_per_step"] = eager["backend_calls_per_step"]
+            if row["path"] == PATHS[0]:  # the first path run pays the compile; the second reuses it
+                row["compile_seconds"] = round(row["warmup_seconds"] - eager["warmup_seconds"], 3)
+    return rows
 
 
 def main() -> None:
@@ -253,18 +448,67 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["cogvideox-5b"], choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--tiny", action="store_true", help="the tiny presets on whatever device is here")
+    parser.add_argument(
+        "--attention-backends",
+        default="native",
+        help="comma-separated diffusers attention backends (diffusers' AttentionBackendName values, "
+        "e.g. native,_native_cudnn,_native_efficient,_native_flash,flash,sage); one that cannot "
+        "run here is recorded as skipped",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every setting with the transformer under torch.compile (default mode)",
+    )
+    parser.add_argument(
+        "--sdpa-routing",
+        default="stock",
+        help="comma-separated: 'stock' (the processors as diffusers ships them: CogVideoX's and "
+        "CogView4's call F.scaled_dot_product_attention and ignore the backend) and/or "
+        "'dispatcher' (route them through diffusers' dispatcher, as cogdist does under "
+        "sequence parallelism)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="results file name under benchmarks/results (default: step_time, or step_time_tiny with --tiny)",
+    )
     args = parser.parse_args()
+    backends = [name.strip() for name in args.attention_backends.split(",") if name.strip()]
+    routings = [name.strip() for name in args.sdpa_routing.split(",") if name.strip()]
+    if not set(routings) <= {"stock", "dispatcher"}:
+        parser.error("--sdpa-routing takes 'stock' and/or 'dispatcher'")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if not args.tiny and device.type != "cuda":
         raise SystemExit("real-size architectures need a GPU; run with --tiny to check the script on a CPU")
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
+    peak = matmul_peak(device, dtype)
     results = []
     for name in args.models:
-        results.append(run(name, args.tiny, args.steps, device, dtype))
-        print(json.dumps(results[-1]), flush=True)
-    print(
-        f"saved {save('step_time_tiny' if args.tiny else 'step_time', {'dtype': str(dtype), 'results': results})}"
-    )
+        results.extend(
+            run(
+                name,
+                args.tiny,
+                args.steps,
+                device,
+                dtype,
+                backends,
+                [False, True] if args.compile else [False],
+                routings,
+                peak,
+            )
+        )
+    summary = {
+        "dtype": str(dtype),
+        "matmul_peak_tflops": round(peak / 1e12, 3),
+        "warmup_steps": WARMUP_STEPS,
+        "attention_backends": backends,
+        "sdpa_routings": routings,
+        "compile": args.compile,
+        "results": results,
+    }
+    output = args.output or ("step_time_tiny" if args.tiny else "step_time")
+    print(f"saved {save(output, summary)}")
 
 
 if __name__ == "__main__":
