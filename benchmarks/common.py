@@ -45,3 +45,15 @@ def save(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def timings(summary) -> dict:
+    """The time figures of a cogdist RenderSummary, as the benchmarks record them."""
+    steady = summary.steady_seconds
+    return {
+        "wall_seconds": round(summary.seconds, 2),
+        "ray_start_seconds": round(summary.ray_start_seconds, 2),
+        "startup_seconds": round(summary.startup_seconds, 2),
+        "steady_seconds": round(steady, 2),
+        "items_per_second": round(summary.done / steady, 3),
+    }

@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cogdist  # noqa: E402
-from benchmarks.common import save  # noqa: E402
+from benchmarks.common import save, timings  # noqa: E402
 from cogdist.models.cogview4 import build_tiny  # noqa: E402
 from cogdist.sink.encode import encode_image  # noqa: E402
 
@@ -79,15 +79,8 @@ def cogdist_run(manifest: Path, out: Path, replicas: int) -> tuple[dict, dict[st
     assert summary.ok, summary
     table = ds.dataset(str(out / "index")).to_table(columns=["id", "uri"]).to_pylist()
     images = {r["id"]: np.asarray(Image.open(io.BytesIO(Path(r["uri"]).read_bytes()))) for r in table}
-    steady = summary.steady_seconds
-    return {
-        "wall_seconds": round(summary.seconds, 2),
-        "ray_start_seconds": round(summary.ray_start_seconds, 2),
-        "startup_seconds": round(summary.startup_seconds, 2),
-        "steady_seconds": round(steady, 2),
-        "shutdown_seconds": round(summary.seconds - summary.startup_seconds - steady, 2),
-        "items_per_second": round(summary.done / steady, 3),
-    }, images
+    shutdown = summary.seconds - summary.startup_seconds - summary.steady_seconds
+    return {**timings(summary), "shutdown_seconds": round(shutdown, 2)}, images
 
 
 def main() -> None:

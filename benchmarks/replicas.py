@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cogdist  # noqa: E402
-from benchmarks.common import save  # noqa: E402
+from benchmarks.common import save, timings  # noqa: E402
 from benchmarks.overhead import make_manifest  # noqa: E402
 
 
@@ -71,11 +71,7 @@ def run(manifest: Path, out: Path, replicas: int) -> dict:
     assert summary.ok and summary.done == summary.total, summary
     steady = summary.steady_seconds
     return {
-        "wall_seconds": round(summary.seconds, 2),
-        "ray_start_seconds": round(summary.ray_start_seconds, 2),
-        "startup_seconds": round(summary.startup_seconds, 2),
-        "steady_seconds": round(steady, 2),
-        "items_per_second": round(summary.done / steady, 3),
+        **timings(summary),
         "driver_cpu_seconds": round(driver_cpu, 2),
         "replicas": replica_usage(out, steady),
     }

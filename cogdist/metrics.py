@@ -13,6 +13,8 @@ import functools
 import time
 from collections.abc import Iterator, Sequence
 
+from cogdist.patching import replaced
+
 # Seconds: quick CPU test models up to long videos on real checkpoints.
 ITEM_BOUNDARIES = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800]
 STEP_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]
@@ -83,12 +85,5 @@ def timing_steps(scheduler, seconds: list[float]) -> Iterator[None]:
         last = now
         return outputs
 
-    had_step = "step" in vars(scheduler)
-    scheduler.step = step
-    try:
+    with replaced(scheduler, "step", step):
         yield
-    finally:
-        if had_step:
-            scheduler.step = real_step
-        else:
-            del scheduler.step

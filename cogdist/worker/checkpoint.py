@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cogdist.errors import StorageError
+from cogdist.patching import replaced
 from cogdist.storage import Location
 from cogdist.work import WorkItem
 
@@ -120,21 +121,9 @@ class StepCheckpoints:
                 return (torch.zeros(shape, dtype=hidden.dtype, device=hidden.device),)
             return real_forward(*args, **kwargs)
 
-        had_forward = "forward" in vars(transformer)  # diffusers' hooks set one on the instance
-        had_step = "step" in vars(scheduler)  # cogdist.metrics times the steps around this
-        scheduler.step = step
-        transformer.forward = forward
-        try:
+        # diffusers' hooks set a forward on the instance; cogdist.metrics wraps step around this.
+        with replaced(scheduler, "step", step), replaced(transformer, "forward", forward):
             yield
-        finally:
-            if had_step:
-                scheduler.step = real_step
-            else:
-                del scheduler.step
-            if had_forward:
-                transformer.forward = real_forward
-            else:
-                del transformer.forward
 
     def remove(self, items: Sequence[WorkItem]) -> None:
         """Forget the checkpoints of rows whose outputs are written."""
