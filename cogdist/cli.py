@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds reads and writes of OUT are retried before the run stops (default {RETRY_SECONDS:.0f})",
     )
     render.add_argument(
+        "--commit-interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between index commits: each commit writes the rows finished since the last one "
+        "as one Parquet part (default 2)",
+    )
+    render.add_argument(
         "--step-checkpoint",
         type=int,
         metavar="N",
@@ -220,6 +228,7 @@ def _render(args: argparse.Namespace) -> int:
         cfg_parallel=args.cfg_parallel,
         collective_timeout=args.collective_timeout,
         storage_timeout=args.storage_timeout,
+        commit_interval=args.commit_interval,
         step_checkpoint=args.step_checkpoint,
         batch_size=args.batch_size,
         max_in_flight=args.max_in_flight,

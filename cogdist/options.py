@@ -168,6 +168,8 @@ class RenderOptions:
             raise UsageError(
                 f"--save-frames writes files beside each video; not with --dataset {self.dataset}"
             )
+        if not 0 < self.commit_interval < float("inf"):
+            raise UsageError(f"--commit-interval must be > 0 seconds, got {self.commit_interval}")
         if not self.collective_timeout > 0:
             raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
