@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -32,6 +32,12 @@ import pyarrow.parquet as pq
 
 from cogdist.sink.naming import OUTPUTS, output_path
 from cogdist.storage import TEMP_SUFFIX, Location, open_location
+from tests.chaos.progress import (
+    KillPlan,
+    Watcher,
+    count_rows,
+    session_processes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX, FAILURES, QUARANTINE = "index", "failures", "_cogdist/quarantine"
@@ -41,15 +47,30 @@ SHOWN = 8  # examples listed per kind of problem
 
 
 MODEL = "tiny-cogview4"
-# Sized so that a render takes a few seconds after the ~12 s startup (tiny CogView4, 64x64,
-# 24 steps: ~7 rows/s on 2 cores with 2 replicas), so kills land while rows are being
-# rendered and committed, each attempt adds a few rows, and rows remain after 10 kills.
+# Sized so that a render takes a few seconds after startup (tiny CogView4, 64x64, 24 steps: about
+# RATE rows/s on 2 cores with 2 replicas), so kills land while rows are being rendered and
+# committed, each attempt adds a few rows, and rows remain after every planned kill.
 STEPS = 24
 SIZE = 64
 REPLICAS = 2
+RATE = 10.0
+"""Rows/s of `render_command` on the 2-core machine the scenarios were sized on."""
+COMMIT_INTERVAL = 0.25
+"""Seconds between the driver's commits: short, so that a kill after N rows of an attempt
+strikes within a few rows of N even on a machine several times faster."""
+FASTEST = 4.0
+"""The scenarios keep enough rows for every planned fault to land on machines up to this many
+times faster than the one they were sized on (and any slower one)."""
 
 
-def render_command(manifest: Path, out: str, *flags: str) -> list[str]:
+def rows_per_commit(speed: float = FASTEST) -> int:
+    """The most rows one commit of `render_command` holds on a machine `speed` times as fast."""
+    return math.ceil(speed * RATE * COMMIT_INTERVAL)
+
+
+def render_command(manifest: Path, out: str, *flags: str, steps: int = STEPS) -> list[str]:
+    """`python -m cogdist render` of the chaos model, with progress on: the driver's first line
+    is a point some kills wait for."""
     return [
         sys.executable,
         "-m",
@@ -60,15 +81,16 @@ def render_command(manifest: Path, out: str, *flags: str) -> list[str]:
         MODEL,
         "--out",
         out,
-        "--no-progress",
         "--steps",
-        str(STEPS),
+        str(steps),
         "--width",
         str(SIZE),
         "--height",
         str(SIZE),
         "--replicas",
         str(REPLICAS),
+        "--commit-interval",
+        str(COMMIT_INTERVAL),
         *flags,
     ]
 
@@ -460,18 +482,6 @@ def patched_environ(env: dict[str, str] | None) -> Iterator[None]:
 # -- killing drivers -------------------------------------------------------------------------
 
 
-def session_processes(sid: int) -> list[psutil.Process]:
-    """Live processes of session `sid` (zombies are dead and excluded)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            pass
-    return found
-
-
 def settle_session(sid: int, grace: float) -> tuple[float, list[str]]:
     """Wait up to `grace` seconds for every process of session `sid` to exit, then SIGKILL what
     is left. Returns (seconds waited, descriptions of the leftovers)."""
@@ -490,11 +500,12 @@ def settle_session(sid: int, grace: float) -> tuple[float, list[str]]:
 
 @dataclass
 class KillRecord:
-    """What `kill_repeatedly` did. The i-th kill: `modes[i]` chose the moment `moments[i]`
-    (seconds after that attempt's launch); `rows[i]` index rows existed right after it."""
+    """What `kill_repeatedly` did. The i-th kill aimed at `points[i]` and struck where `seen[i]`
+    says, `moments[i]` seconds after that attempt's launch; `rows[i]` rows were indexed after it."""
 
+    points: list[str] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
     moments: list[float] = field(default_factory=list)
-    modes: list[str] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     settle_seconds: list[float] = field(default_factory=list)  # until the killed session was empty
     early_exits: list[str] = field(default_factory=list)  # attempts that ended before their kill
@@ -505,13 +516,16 @@ class KillRecord:
 
     @property
     def kills(self) -> int:
-        return len(self.moments)
+        return len(self.points)
 
     def summary(self) -> str:
-        by_mode = Counter(self.modes)
-        moments = ", ".join(f"{m}@{t:.1f}s→{r}" for m, t, r in zip(self.modes, self.moments, self.rows))
+        kinds = Counter(p.split("+")[0] for p in self.points)
+        each = "; ".join(
+            f"{point} ({seen}; {moment:.1f}s, {rows} indexed after)"
+            for point, seen, moment, rows in zip(self.points, self.seen, self.moments, self.rows)
+        )
         parts = [
-            f"{self.kills} kills ({', '.join(f'{n} {m}' for m, n in sorted(by_mode.items()))}): {moments}",
+            f"{self.kills} kills ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): {each}",
             f"killed sessions emptied in ≤{max(self.settle_seconds, default=0):.1f}s",
         ]
         if self.early_exits:
@@ -520,55 +534,36 @@ class KillRecord:
         return "; ".join(parts)
 
 
-STARTUP, RENDER, COMMIT = "startup", "render", "commit"
-
-
-def plan_modes(kills: int, rng: random.Random) -> list[str]:
-    """Which phase each kill aims at, in a random order: about a fifth during startup (before
-    the attempt's first commit), a fifth around a commit, the rest mid-render."""
-    n_startup = max(1, round(kills / 5))
-    n_commit = max(1, round(kills / 5))
-    modes = [STARTUP] * n_startup + [COMMIT] * n_commit + [RENDER] * max(0, kills - n_startup - n_commit)
-    rng.shuffle(modes)
-    return modes[:kills]
-
-
 def kill_repeatedly(
     command: list[str],
     out_uri: str,
-    kills: int,
-    rng: random.Random,
+    plan: KillPlan,
     env: dict[str, str] | None = None,
     *,
     logs: Path | None = None,
-    commit_interval: float = 2.0,
     grace: float = 10.0,
-    stall: float = 120.0,
+    stall: float = 300.0,
     final_timeout: float = 600.0,
     total_rows: int | None = None,
     say: Callable[[str], None] = print,
 ) -> KillRecord:
     """Run `command` (a render driver) again and again, each time in a session of its own, and
-    SIGKILL the driver at a random moment, `kills` times; then run it once more to completion.
+    SIGKILL the driver at the next point of `plan` (see `progress.KillPoint`), until every point
+    has had its kill; then run it once more to completion.
 
-    How a kill moment is chosen (`plan_modes` orders the kinds at random):
-    - startup: uniform in [0.3 s, T] after launch, T the shortest observed time from launch to
-      an attempt's first commit (12 s before one is seen) — interpreter start, manifest scan, Ray
-      start, actors loading the model;
-    - render: once this attempt's first commit shows in the index (so every such attempt makes
-      progress), uniform in [0, commit_interval] later — rows rendering and outputs being
-      written, mostly before the attempt's second commit;
-    - commit: once the first commit shows, commit_interval ± 0.25 s later — around the next
-      commit, when the index part is being written.
-    With `total_rows` (the manifest's size), an attempt is also killed as soon as the index has
-    grown by more than its share of the rows left, (left) / (kills left + 1), so that rows
-    remain for every planned kill whatever the machine's speed.
-    An attempt that ends on its own before its moment is not a kill: it is noted, and the
-    attempts go on while rows remain (a run that exits 0 has rendered every row, so it stops).
+    Each point is a state of the job's progress, watched from outside (`progress.Watcher`): before
+    the driver prints, once it has printed (the job record written, Ray starting), once worker
+    actors exist, mid-render after N rows of the attempt, just after a commit after N rows.
+    With `total_rows` (the manifest's size), an attempt is also killed as soon as it has indexed
+    more than its share of the rows left, (left) / (kills left + 1), so rows remain for every
+    planned kill however fast the machine renders. An attempt that ends on its own before its
+    point is not a kill: it is noted, and attempts go on while rows remain (a run that exits 0
+    has rendered every row, so it stops there).
 
     After each kill every process of the session must exit within `grace` seconds (Ray's agents
     outlive a killed driver unless cogdist reaps them); leftovers are SIGKILLed and recorded as
-    problems. The same applies after the final run, which must exit 0.
+    problems. The same applies after the final run, which must exit 0. `stall` bounds an attempt
+    that makes no progress at all (a hang is a finding, not a wait forever).
     The driver gets os.environ plus `env`; its output goes to `logs`/attempt-NN.log.
     """
     logs = logs or Path(tempfile.mkdtemp(prefix="chaos-logs-"))
@@ -577,65 +572,52 @@ def kill_repeatedly(
     with patched_environ(env):
         location = open_location(out_uri)
     record = KillRecord()
-    modes = plan_modes(kills, rng)
-    first_commit, seen_commit = 12.0, False  # seconds from launch to an attempt's first commit
+    kills = len(plan.points)
     attempt = 0
     while record.kills < kills and attempt < 3 * kills:
         attempt += 1
-        mode = modes[record.kills]
+        point = plan.points[record.kills]
         log = logs / f"attempt-{attempt:02d}.log"
-        parts_before = parts_seen = _parts(location)
-        rows_before = count_rows(location)
-        share = max(1, (total_rows - rows_before) // (kills - record.kills + 1)) if total_rows else None
+        watcher = Watcher(location, log=log)
+        share = max(1, (total_rows - watcher.rows) // (kills - record.kills + 1)) if total_rows else None
         started = time.monotonic()
         with open(log, "wb") as sink:
             driver = subprocess.Popen(
                 command, cwd=ROOT, env=run_env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
             )
-        sid = os.getsid(driver.pid)
-        kill_at = started + rng.uniform(0.3, first_commit) if mode == STARTUP else None
-        exited = None
-        while True:
-            exited = driver.poll()
-            now = time.monotonic()
-            if exited is not None:
+        watcher.sid = sid = os.getsid(driver.pid)
+        seen, last_progress = None, started
+        while (exited := driver.poll()) is None:
+            watcher.look()
+            if watcher.grew:
+                last_progress = time.monotonic()
+            seen = point.reached(watcher)
+            if seen is None and share is not None and watcher.new_rows >= share:
+                seen = f"its share of {share} rows indexed first ({watcher.rows} indexed)"
+            if seen is None and time.monotonic() - last_progress > stall:
+                record.problems.append(f"attempt {attempt}: no commit within {stall:.0f}s ({log})")
+                seen = "stalled"
+            if seen is not None:
                 break
-            parts = _parts(location)
-            if parts > parts_seen:
-                parts_seen = parts
-                if share is not None and count_rows(location) - rows_before >= share:
-                    kill_at = now  # this attempt has had its share of the rows: kill it now
-            if kill_at is None and mode != STARTUP:
-                if parts > parts_before:
-                    first_commit = min(first_commit, now - started) if seen_commit else now - started
-                    seen_commit = True
-                    delay = (
-                        rng.uniform(0.0, commit_interval)
-                        if mode == RENDER
-                        else rng.uniform(commit_interval - 0.25, commit_interval + 0.25)
-                    )
-                    kill_at = now + delay
-                elif now - started > stall:
-                    record.problems.append(f"attempt {attempt}: no commit within {stall:.0f}s ({log})")
-                    kill_at = now
-            if kill_at is not None and now >= kill_at:
-                break
-            time.sleep(min(0.2, max(0.0, kill_at - now)) if kill_at is not None else 0.2)
+            time.sleep(watcher.poll_seconds)
+        moment = time.monotonic() - started
         if exited is not None:
-            record.early_exits.append(f"attempt {attempt} ({mode}) exit {exited} after {now - started:.1f}s")
-            say(f"  attempt {attempt}: ended by itself (exit {exited}) before its {mode} kill")
+            record.early_exits.append(
+                f"attempt {attempt} ({point.describe()}) exit {exited} after {watcher.rows} rows"
+            )
+            say(f"  attempt {attempt}: ended by itself (exit {exited}) before its {point.describe()} kill")
             _settle(sid, grace, f"attempt {attempt} (exit {exited})", record)
             if exited == 0:
                 break  # every row is indexed: nothing left to kill
             continue
-        moment = time.monotonic() - started
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
+        record.points.append(point.describe())
+        record.seen.append(seen)
         record.moments.append(round(moment, 2))
-        record.modes.append(mode)
         record.rows.append(count_rows(location))
         record.settle_seconds.append(round(_settle(sid, grace, f"kill {record.kills}", record), 1))
-        say(f"  kill {record.kills}/{kills}: {mode} at {moment:.1f}s, {record.rows[-1]} rows indexed")
+        say(f"  kill {record.kills}/{kills}: {point.describe()} ({seen}) at {moment:.1f}s")
 
     started = time.monotonic()
     log = logs / "final.log"
@@ -666,18 +648,3 @@ def _settle(sid: int, grace: float, what: str, record: KillRecord) -> float:
             f"{what}: processes alive {grace:.0f}s after the driver: {'; '.join(leftovers)}"
         )
     return waited
-
-
-def _parts(location: Location) -> int:
-    """Committed index parts (one LIST: cheap enough to poll, even on S3)."""
-    try:
-        return len(location.list_files(INDEX, ".parquet"))
-    except OSError:
-        return 0
-
-
-def count_rows(location: Location) -> int:
-    try:
-        return ds.dataset(location.path(INDEX), filesystem=location.fs, format="parquet").count_rows()
-    except (FileNotFoundError, OSError, ValueError):
-        return 0

@@ -17,24 +17,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cogdist.storage import open_location
 from tests.chaos.harness import (
     S3_KEY,
     S3_SECRET,
+    STEPS,
     Outcome,
     _s3_client,
     audit,
     chaos_manifest,
-    count_rows,
     free_port,
     make_bucket,
     patched_environ,
     render_command,
     wait_for_port,
 )
+from tests.chaos.progress import POLL_SECONDS, REMOTE_POLL_SECONDS, Watcher
 
 
 class Relay:
@@ -147,9 +148,10 @@ class FlakyStore:
                 self.process.wait()
             self.process = None
 
-    def outage(self, seconds: float) -> None:
-        """Make the store unreachable for `seconds`, restarting the server meanwhile (keeping
-        every object it had acknowledged)."""
+    def outage(self, until: Callable[[], bool], cap: float) -> str:
+        """Make the store unreachable, restarting the server meanwhile (keeping every object it had
+        acknowledged), until `until()` is true (a sign of the job's progress) or `cap` seconds have
+        passed. Returns why it ended."""
         started = time.monotonic()
         self.relay.down()
         client = _s3_client(self.direct)
@@ -169,9 +171,32 @@ class FlakyStore:
             client.create_bucket(Bucket=bucket)
             for key, body in objects.items():
                 client.put_object(Bucket=bucket, Key=key, Body=body)
-        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        while not (ended := until()) and time.monotonic() - started < cap:
+            time.sleep(POLL_SECONDS)
         self.relay.up()
         self.outages.append(time.monotonic() - started)
+        return "as planned" if ended else f"at the {cap:.0f}s cap"
+
+
+class Lines:
+    """A process's text stream read into a list of lines by a thread, so a scenario can watch what
+    the driver says while it runs."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def count(self, text: str, start: int = 0) -> int:
+        return sum(text in line for line in self.lines[start:])
+
+    def text(self) -> str:
+        self._thread.join(timeout=30)
+        return "".join(self.lines)
 
 
 @contextlib.contextmanager
@@ -198,9 +223,16 @@ def _location(store: FlakyStore, out: str):
     )
 
 
-def storage_outage(workdir: Path, rows: int = 80, outages: tuple[float, ...] = (12.0, 8.0)) -> Outcome:
-    """The object store goes away (and restarts) mid-run, shorter than --storage-timeout: writes
-    are retried through it and the run completes in one go."""
+RETRYING = "retrying for up to"  # what the driver and workers log when a read or write is retried
+
+
+def storage_outage(workdir: Path, rows: int = 60, outages: int = 2, steps: int = STEPS) -> Outcome:
+    """The object store goes away (and restarts) mid-run, for less than --storage-timeout: writes
+    are retried through it and the run completes in one go.
+
+    Each outage starts once 5 more rows are indexed (since the start, or since the store came
+    back) and lasts until the driver's output reports a new retried read or write: both points of
+    the job's progress, whatever the machine's speed."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
@@ -209,7 +241,7 @@ def storage_outage(workdir: Path, rows: int = 80, outages: tuple[float, ...] = (
     with flaky_store() as store:
         make_bucket(store.env, "chaos")
         location = _location(store, out)
-        command = render_command(manifest, out, "--storage-timeout", "120")
+        command = render_command(manifest, out, "--storage-timeout", "120", steps=steps)
         driver = subprocess.Popen(
             command,
             env={**os.environ, **store.env},
@@ -217,27 +249,32 @@ def storage_outage(workdir: Path, rows: int = 80, outages: tuple[float, ...] = (
             stderr=subprocess.PIPE,
             text=True,
         )
-        at_rows = []
-        for number, seconds in enumerate(outages):
-            # The first outage once rows are being committed, each further one 4 s after the last.
-            while count_rows(location) < 5 and driver.poll() is None:
-                time.sleep(0.2)
-            if number:
-                time.sleep(4)
+        said = Lines(driver.stderr)
+        watcher = Watcher(location)
+        at_rows, ends = [], []
+        for number in range(outages):
+            since = watcher.rows
+            while watcher.rows < since + 5 and driver.poll() is None:
+                watcher.look()
+                time.sleep(REMOTE_POLL_SECONDS)
             if driver.poll() is not None:
                 problems.append(f"the run ended before outage {number + 1}; use more rows")
                 break
-            at_rows.append(count_rows(location))
-            store.outage(seconds)
-        _, stderr = driver.communicate(timeout=600)
+            at_rows.append(watcher.rows)
+            seen = said.count(RETRYING)
+            ends.append(store.outage(lambda seen=seen: said.count(RETRYING) > seen, cap=60))
+            watcher.look()
+        driver.wait(timeout=600)
+        stderr = said.text()
         if driver.returncode != 0:
             problems.append(f"exit code {driver.returncode}: {stderr.strip().splitlines()[-1:]}")
-        retried = stderr.count("retrying for up to")
+        retried = stderr.count(RETRYING)
         with patched_environ(store.direct):
             found = audit(out, ids)
     notes = (
-        f"store down {', '.join(f'{s:.0f}s' for s in store.outages)} with {at_rows} rows indexed; "
-        f"--storage-timeout 120; {retried} reads/writes reported retrying"
+        f"store down {', '.join(f'{s:.0f}s' for s in store.outages)} from {at_rows} rows indexed, "
+        f"each until a new retry was reported ({', '.join(ends)}); --storage-timeout 120; "
+        f"{retried} reads/writes reported retrying"
     )
     outcome = found.outcome(
         "storage-outage",
@@ -250,9 +287,11 @@ def storage_outage(workdir: Path, rows: int = 80, outages: tuple[float, ...] = (
     return outcome
 
 
-def storage_outage_stops(workdir: Path, rows: int = 40, outage: float = 25.0) -> Outcome:
+def storage_outage_stops(workdir: Path, rows: int = 40, steps: int = STEPS) -> Outcome:
     """The store stays away longer than --storage-timeout: the run stops with a clear message,
-    and the same command, run once the store is back, finishes the job."""
+    and the same command, run once the store is back, finishes the job.
+
+    The outage starts once 5 rows are indexed and lasts until the driver has exited."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
@@ -261,16 +300,22 @@ def storage_outage_stops(workdir: Path, rows: int = 40, outage: float = 25.0) ->
     with flaky_store() as store:
         make_bucket(store.env, "chaos")
         location = _location(store, out)
-        command = render_command(manifest, out, "--storage-timeout", "4")
+        command = render_command(manifest, out, "--storage-timeout", "4", steps=steps)
         env = {**os.environ, **store.env}
         driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        while count_rows(location) < 5 and driver.poll() is None:
-            time.sleep(0.2)
-        before = count_rows(location)
-        outage = threading.Thread(target=store.outage, args=(outage,))
-        outage.start()
-        _, stderr = driver.communicate(timeout=600)
-        outage.join()
+        said = Lines(driver.stderr)
+        watcher = Watcher(location)
+        while watcher.rows < 5 and driver.poll() is None:
+            watcher.look()
+            time.sleep(REMOTE_POLL_SECONDS)
+        before = watcher.rows
+        if driver.poll() is not None:
+            problems.append("the run ended before the outage; use more rows")
+            ended = "never began"
+        else:
+            ended = store.outage(lambda: driver.poll() is not None, cap=120)
+        driver.wait(timeout=600)
+        stderr = said.text()
         message = [line for line in stderr.splitlines() if "stopped:" in line]
         if driver.returncode != 1 or not message:
             problems.append(
@@ -286,14 +331,15 @@ def storage_outage_stops(workdir: Path, rows: int = 40, outage: float = 25.0) ->
         with patched_environ(store.direct):
             found = audit(out, ids)
     notes = (
-        f"store down {store.outages[0]:.0f}s with --storage-timeout 4 after {before} rows; "
+        f"store down from {before} rows indexed until the driver exited ({ended}, "
+        f"{store.outages[0] if store.outages else 0:.0f}s) with --storage-timeout 4; "
         f"the run stopped with: {message[0].strip()[:160] if message else '(no message)'}; "
         "the same command then completed"
     )
     outcome = found.outcome(
         "storage-outage-stops",
         "object store down longer than --storage-timeout",
-        1,
+        len(store.outages),
         time.monotonic() - started,
         notes,
     )

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from tests.chaos.harness import (
+    STEPS,
     Outcome,
     audit,
     chaos_manifest,
@@ -25,8 +26,10 @@ from tests.chaos.harness import (
     moto_server,
     patched_environ,
     render_command,
+    rows_per_commit,
 )
 from tests.chaos.outage import storage_outage, storage_outage_stops
+from tests.chaos.progress import KillPlan
 from tests.chaos.workers import (
     gang_member_kills,
     malformed_manifests,
@@ -38,32 +41,42 @@ from tests.chaos.workers import (
 
 
 def driver_kills(
-    workdir: Path, storage: str = "local", kills: int = 10, rows: int = 120, seed: int = 20251125
+    workdir: Path,
+    storage: str = "local",
+    kills: int = 10,
+    rows: int | None = None,
+    seed: int = 20251125,
+    steps: int = STEPS,
 ) -> Outcome:
-    """SIGKILL the render driver `kills` times at random moments (see
-    `harness.kill_repeatedly`), then run the same command to completion and audit OUT.
-    `storage` is "local" (a folder) or "s3" (a bucket on a moto server started here)."""
+    """SIGKILL the render driver `kills` times at points of its progress chosen at random (see
+    `progress.KillPlan`), then run the same command to completion and audit OUT. `storage` is
+    "local" (a folder) or "s3" (a bucket on a moto server started here). `rows` defaults to what
+    the plan needs for every kill to land on a machine up to FASTEST times this one's speed;
+    `steps` makes the renders slower or quicker (the check that the kills do not depend on it)."""
     if storage not in ("local", "s3"):
         raise ValueError(f"storage must be 'local' or 's3', not {storage!r}")
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
     rng = random.Random(seed)
-    injected = "SIGKILL of the driver at a random moment (startup / mid-render / around a commit)"
+    plan = KillPlan.random(kills, rng)
+    needed = plan.rows_needed(rows_per_commit())
+    rows = rows or needed
+    if rows < needed:
+        raise ValueError(f"{kills} kills need at least {needed} rows to land on a fast machine, not {rows}")
+    manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
+    injected = "SIGKILL of the driver at a point of its progress (startup / mid-render / just after a commit)"
     if storage == "local":
         out = str(workdir / "out")
-        record = kill_repeatedly(
-            render_command(manifest, out), out, kills, rng, logs=workdir / "logs", total_rows=rows
-        )
+        command = render_command(manifest, out, steps=steps)
+        record = kill_repeatedly(command, out, plan, logs=workdir / "logs", total_rows=rows)
         found = audit(out, ids)
         extra = []
     else:
         with moto_server() as env:
             make_bucket(env, "chaos")
             out = "s3://chaos/driver-kills"
-            record = kill_repeatedly(
-                render_command(manifest, out), out, kills, rng, env, logs=workdir / "logs", total_rows=rows
-            )
+            command = render_command(manifest, out, steps=steps)
+            record = kill_repeatedly(command, out, plan, env, logs=workdir / "logs", total_rows=rows)
             with patched_environ(env):
                 found = audit(out, ids)
             pending = incomplete_uploads(env, "chaos", "driver-kills/")
@@ -73,7 +86,7 @@ def driver_kills(
         injected,
         record.kills,
         time.monotonic() - started,
-        "; ".join([f"seed {seed}", record.summary(), *extra]),
+        "; ".join([f"seed {seed}, {rows} rows, {steps} steps", record.summary(), *extra]),
     )
     short = (
         [f"only {record.kills} of {kills} kills landed: the job finished first"]

@@ -7,6 +7,7 @@ SIGKILL to a Ray worker process of the driver's session that is executing `rende
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -18,70 +19,57 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 from PIL import Image
 
 from tests.chaos.harness import (
     ROOT,
+    STEPS,
     Outcome,
     audit,
     chaos_manifest,
-    count_rows,
     render_command,
-    session_processes,
+    rows_per_commit,
     settle_session,
     write_manifest,
 )
-
-RENDERING = "ray::RenderWorker.render"  # the process title Ray gives an actor inside `render`
-
-
-def _busy_workers(sid: int) -> list[psutil.Process]:
-    found = []
-    for process in session_processes(sid):
-        try:
-            if " ".join(process.cmdline()).startswith(RENDERING):
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
+from tests.chaos.progress import POLL_SECONDS, RENDERING, Watcher, workers
 
 
 def _kill_workers(
-    command: list[str], out: str, kills: int, rng: random.Random, logs: Path
-) -> tuple[list, int, str]:
-    """Run the render, SIGKILL a random worker busy rendering `kills` times (the first once rows
-    are committed, each later one 1.5-3.5 s after more rows were committed), and let the run
-    finish. Returns (kills made, exit code, the run's whole output)."""
+    command: list[str], out: str, kills: int, rng: random.Random, logs: Path, gap: tuple[int, int]
+) -> tuple[list[str], int, str]:
+    """Run the render and SIGKILL a worker busy rendering `kills` times, each once the index has
+    grown by a random number of rows in `gap` since the start or the last kill, while a unit is in
+    flight (a worker in `render`, the index unchanged since the last look); let the run finish.
+    Returns (where each kill struck, exit code, the run's whole output)."""
     from cogdist.storage import open_location
 
     location = open_location(out)
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "run.log"
-    made = []
+    made: list[str] = []
     with open(log, "wb") as sink:
         driver = subprocess.Popen(
             command, cwd=ROOT, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
         )
     sid = os.getsid(driver.pid)
+    watcher = Watcher(location, sid)
     try:
-        while count_rows(location) == 0 and driver.poll() is None:
-            time.sleep(0.2)
+        # Independent failures: each kill after the job has indexed rows since the last one, so the
+        # unit a kill re-queued has rendered again (a row whose render kills its worker three
+        # times running is recorded as failed).
+        last, wanted = watcher.rows, rng.randint(*gap)
         while len(made) < kills and driver.poll() is None:
-            # Independent failures: each kill after the job has made progress since the last one
-            # (a row whose render kills its worker three times running is recorded as failed).
-            while made and count_rows(location) <= made[-1][1] and driver.poll() is None:
-                time.sleep(0.2)
-            time.sleep(rng.uniform(1.5, 3.5))
-            busy = _busy_workers(sid)
-            if not busy:
-                continue
-            victim = rng.choice(busy)
-            try:
-                os.kill(victim.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            made.append((round(time.monotonic(), 1), count_rows(location)))
+            watcher.look()
+            if watcher.rows - last >= wanted and not watcher.grew:
+                busy = workers(sid, RENDERING)
+                if busy:
+                    victim = rng.choice(busy)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(victim.pid, signal.SIGKILL)
+                        made.append(f"+{watcher.rows - last} rows ({watcher.rows} indexed), unit in flight")
+                        last, wanted = watcher.rows, rng.randint(*gap)
+            time.sleep(POLL_SECONDS)
         code = driver.wait(timeout=900)
     finally:
         if driver.poll() is None:
@@ -90,20 +78,30 @@ def _kill_workers(
     return made, code, log.read_text(errors="replace")
 
 
-def worker_kills(workdir: Path, kills: int = 5, rows: int = 160, seed: int = 7, sp: int = 1) -> Outcome:
+def worker_kills(
+    workdir: Path, kills: int = 5, rows: int | None = None, seed: int = 7, sp: int = 1, steps: int = STEPS
+) -> Outcome:
     """SIGKILL a busy worker process `kills` times during one run: each time its replica is
     rebuilt and its unit re-queued; with --max-retries 0 any kill blamed on a row would show.
     With `sp` 2 the workers are gang members: a member killed mid-denoising breaks its peer's
-    collective, and the gang is rebuilt as one."""
+    collective, and the gang is rebuilt as one. `rows` defaults to what every kill needs to land
+    on a machine up to FASTEST times this one's speed."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
+    # With 2 replicas a re-queued unit waits behind the survivor's held units; one gang renders
+    # it first once rebuilt.
+    gap = (1, 2) if sp > 1 else (4, 8)
+    needed = kills * (gap[1] + rows_per_commit()) + 1
+    rows = rows or needed
     manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
     out = str(workdir / "out")
-    command = render_command(manifest, out, "--max-retries", "0", "--max-gang-restarts", str(kills + 2))
+    command = render_command(
+        manifest, out, "--max-retries", "0", "--max-gang-restarts", str(kills + 2), steps=steps
+    )
     if sp > 1:
         command[command.index("--replicas") + 1] = "1"  # one gang of `sp` on 2 cores
         command += ["--sp", str(sp), "--collective-timeout", "30"]
-    made, code, said = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs")
+    made, code, said = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs", gap)
     found = audit(out, ids)
     outcome = found.outcome(
         "gang-member-kills" if sp > 1 else "worker-kills",
@@ -112,16 +110,18 @@ def worker_kills(workdir: Path, kills: int = 5, rows: int = 160, seed: int = 7, 
         else "SIGKILL of a worker process mid-render (--max-retries 0)",
         len(made),
         time.monotonic() - started,
-        f"seed {seed}; rows indexed at each kill: {[r for _, r in made]}; run exit {code}; "
+        f"seed {seed}, {rows} rows, {steps} steps; kills at: {'; '.join(made)}; run exit {code}; "
         f"rebuilds logged: {said.count('rebuilding it')}",
     )
+    if len(made) < kills:
+        outcome.problems.append(f"only {len(made)} of {kills} kills landed: the job finished first")
     if code != 0:
         outcome.problems.append(f"the run exited {code}: {said[-500:]}")
     return outcome
 
 
-def gang_member_kills(workdir: Path) -> Outcome:
-    return worker_kills(workdir, kills=3, rows=24, seed=11, sp=2)
+def gang_member_kills(workdir: Path, steps: int = STEPS) -> Outcome:
+    return worker_kills(workdir, kills=3, seed=11, sp=2, steps=steps)
 
 
 def poison_rows(workdir: Path, rows: int = 24, poisoned: int = 4) -> Outcome:
@@ -266,10 +266,13 @@ def step_checkpoint_kill(workdir: Path) -> Outcome:
         stderr=subprocess.DEVNULL,
     )
     sid = os.getsid(driver.pid)
+    # The kill waits for the job's progress: step 12 of 40 saved, the item mid-denoising.
     while saved() < 12 and driver.poll() is None:
-        time.sleep(0.1)
+        time.sleep(POLL_SECONDS)
     killed_at = saved()
-    os.kill(driver.pid, signal.SIGKILL)
+    landed = driver.poll() is None
+    if landed:
+        os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     settle_session(sid, 10.0)
     resumed = subprocess.run(
@@ -278,7 +281,7 @@ def step_checkpoint_kill(workdir: Path) -> Outcome:
     plain = subprocess.run(
         [*command, "--out", str(reference)], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
-    problems = []
+    problems = [] if landed else ["the render finished before step 12 was saved: no kill landed"]
     match = re.search(r"resuming long/1 from step (\d+)", resumed.stderr)
     if resumed.returncode or plain.returncode or not match:
         problems.append(
@@ -294,7 +297,7 @@ def step_checkpoint_kill(workdir: Path) -> Outcome:
     outcome = found.outcome(
         "step-checkpoint",
         "SIGKILL of the driver mid-denoising of a 40-step video (--step-checkpoint 4)",
-        1,
+        int(landed),
         time.monotonic() - started,
         f"killed with step {killed_at} saved; resumed from step {match.group(1) if match else '?'}; "
         "output sha256 equal to an uninterrupted render; checkpoint removed",

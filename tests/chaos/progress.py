@@ -1,0 +1,239 @@
+"""Where a job is, as anyone outside it can see: what its driver printed, what OUT holds (job
+record, index parts and rows, stored outputs), and the Ray workers of its session (alive,
+loading the model, rendering a unit).
+
+Fault injections choose their moment from these observations, never from the clock: a scenario
+then strikes at the same points of a job on a slow machine as on a fast one, and a planned fault
+that can no longer land (the job has finished) is reported as such instead of being counted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from cogdist.sink.job import JOB_RECORD
+from cogdist.sink.naming import OUTPUTS
+from cogdist.storage import Location
+
+INDEX = "index"
+POLL_SECONDS = 0.05
+"""How often a watcher looks at a local OUT. Short next to every phase it has to catch (a commit
+interval, a model load), so that a phase is seen however fast the machine runs it."""
+REMOTE_POLL_SECONDS = 0.1
+"""... at an OUT on an object store, where every look is a LIST request to the server."""
+
+WORKER = "ray::RenderWorker"  # the title Ray gives a RenderWorker actor's process
+LOADING = f"{WORKER}.setup"  # ... while it runs `setup` (joining the gang, loading the model)
+RENDERING = f"{WORKER}.render"  # ... while it renders a unit
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Live processes of session `sid` (zombies are dead and excluded)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return found
+
+
+def workers(sid: int, title: str = WORKER) -> list[psutil.Process]:
+    """Worker processes of session `sid` whose title starts with `title` (see RENDERING)."""
+    found = []
+    for process in session_processes(sid):
+        try:
+            if " ".join(process.cmdline()).startswith(title):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def count_rows(location: Location) -> int:
+    try:
+        return ds.dataset(location.path(INDEX), filesystem=location.fs, format="parquet").count_rows()
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+
+
+def count_parts(location: Location) -> int:
+    """Committed index parts (one LIST: cheap enough to poll, even on S3)."""
+    try:
+        return len(location.list_files(INDEX, ".parquet"))
+    except OSError:
+        return 0
+
+
+def stored_outputs(location: Location) -> list[pafs.FileInfo]:
+    """Files stored under OUT/outputs (indexed or not yet)."""
+    selector = pafs.FileSelector(location.path(OUTPUTS), recursive=True, allow_not_found=True)
+    try:
+        return [info for info in location.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    except OSError:
+        return []
+
+
+def indexed_paths(location: Location) -> set[str]:
+    try:
+        table = ds.dataset(location.path(INDEX), filesystem=location.fs, format="parquet").to_table(
+            columns=["path"]
+        )
+    except (FileNotFoundError, OSError, ValueError):
+        return set()
+    return set(table.column("path").to_pylist())
+
+
+class Watcher:
+    """One attempt of a job (a driver in session `sid`, printing to `log`), observed from outside.
+
+    `look()` refreshes what changes between commits; index rows are recounted only when the
+    number of parts changes, so polling stays cheap on an object store.
+    """
+
+    def __init__(self, location: Location, sid: int | None = None, log: Path | None = None):
+        self.location = location
+        self.sid = sid
+        self.log = log
+        self.started_ns = time.time_ns()
+        self.parts = count_parts(location)
+        self.rows = self.start_rows = count_rows(location)
+        self.commits = 0  # commits seen during this attempt
+        self.grew = False  # the last look saw a new commit
+        self._indexed: set[str] | None = None  # index paths, read when first needed after a commit
+
+    def look(self) -> None:
+        parts = count_parts(self.location)
+        self.grew = parts != self.parts
+        if self.grew:
+            self.parts, self.rows = parts, count_rows(self.location)
+            self.commits += 1
+            self._indexed = None
+
+    @property
+    def poll_seconds(self) -> float:
+        return POLL_SECONDS if self.location.is_local else REMOTE_POLL_SECONDS
+
+    @property
+    def new_rows(self) -> int:
+        """Rows indexed during this attempt."""
+        return self.rows - self.start_rows
+
+    def printed(self) -> bool:
+        """Has the driver printed a line (its first: manifest scanned, job record written)?"""
+        return self.log is not None and self.log.exists() and self.log.stat().st_size > 0
+
+    def job_record(self) -> bool:
+        return self.location.exists(JOB_RECORD)
+
+    def workers(self, title: str = WORKER) -> int:
+        return len(workers(self.sid, title)) if self.sid is not None else 0
+
+    def unindexed_outputs(self) -> int:
+        """Outputs this attempt stored that the index does not hold yet (rendered, not committed)."""
+        if self._indexed is None:
+            self._indexed = indexed_paths(self.location)
+        prefix = self.location.root.rstrip("/") + "/"
+        # An object store's modification times are whole seconds.
+        since = self.started_ns if self.location.is_local else self.started_ns - 1_000_000_000
+        return sum(
+            1
+            for info in stored_outputs(self.location)
+            if info.mtime_ns is not None
+            and info.mtime_ns >= since
+            and info.path.removeprefix(prefix) not in self._indexed
+        )
+
+
+# -- kill points ------------------------------------------------------------------------------
+
+LAUNCH = "launch"  # before the driver has printed anything
+SCANNED = "scanned"  # the driver printed its first line: manifest scanned, job record written
+STARTING = "starting"  # worker actors exist, this attempt has committed nothing yet
+RENDER = "render"  # after N rows of this attempt: a unit in flight, outputs stored, not indexed
+COMMIT = "commit"  # after N rows of this attempt: just after a commit
+STARTUP_POINTS = (LAUNCH, SCANNED, STARTING)
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """A moment of a job's progress at which to strike."""
+
+    kind: str
+    rows: int = 0
+    """RENDER and COMMIT: rows this attempt must have indexed first (so every attempt progresses)."""
+
+    def describe(self) -> str:
+        return f"{self.kind}+{self.rows}" if self.kind in (RENDER, COMMIT) else self.kind
+
+    def reached(self, watcher: Watcher) -> str | None:
+        """What was seen when the point is reached (the record of the kill), else None."""
+        if self.kind == LAUNCH:
+            return "before its first line" if not watcher.printed() else "after its first line (late)"
+        if self.kind == SCANNED:
+            if watcher.printed():
+                return f"first line printed, job record {'in place' if watcher.job_record() else 'missing'}"
+            return None
+        if self.kind == STARTING:
+            if watcher.commits:  # the phase passed between two looks: strike at once, and say so
+                return f"missed the start; struck at this attempt's first commit ({watcher.rows} indexed)"
+            alive = watcher.workers()
+            if alive:
+                return f"{alive} worker(s) up, {watcher.workers(LOADING)} loading, nothing committed yet"
+            return None
+        if watcher.new_rows < self.rows:
+            return None
+        if self.kind == COMMIT:
+            if watcher.grew:
+                return f"just after a commit, {watcher.rows} indexed"
+            return None
+        # RENDER: a unit in flight since the last commit, its outputs partly stored
+        if watcher.grew or not watcher.workers(RENDERING):
+            return None
+        stored = watcher.unindexed_outputs()
+        if stored:
+            return f"unit in flight, {stored} output(s) stored not indexed, {watcher.rows} indexed"
+        return None
+
+
+# How a plan divides its kills among the points: the startup points are cheap (no model loads
+# before them) and the render and commit points make progress, so every point is covered at a cost.
+SHARES = {LAUNCH: 0.1, SCANNED: 0.1, STARTING: 0.2, RENDER: 0.3, COMMIT: 0.3}
+
+
+@dataclass
+class KillPlan:
+    """The points of a job's kills, in a random order: of every ten, one before the driver prints,
+    one once it has printed, two while its workers start, three mid-render and three just after a
+    commit; each RENDER or COMMIT kill after 1..`max_rows` rows of its attempt."""
+
+    points: list[KillPoint] = field(default_factory=list)
+
+    @classmethod
+    def random(cls, kills: int, rng: random.Random, max_rows: int = 3) -> KillPlan:
+        counts = {kind: int(kills * share) for kind, share in SHARES.items()}
+        # What rounding left over goes to the kinds with the largest remainders, render first.
+        leftover = sorted(SHARES, key=lambda kind: ((kills * SHARES[kind]) % 1, SHARES[kind]), reverse=True)
+        for kind in leftover[: kills - sum(counts.values())]:
+            counts[kind] += 1
+        points = [
+            KillPoint(kind, rng.randint(1, max_rows) if kind in (RENDER, COMMIT) else 0)
+            for kind, n in counts.items()
+            for _ in range(n)
+        ]
+        rng.shuffle(points)
+        return cls(points)
+
+    def rows_needed(self, rows_per_commit: int) -> int:
+        """Rows the job must hold for every kill to land, when one commit holds at most
+        `rows_per_commit` rows (a kill after N rows strikes at the latest one commit later)."""
+        return sum(p.rows + rows_per_commit for p in self.points if p.kind in (RENDER, COMMIT)) + 1

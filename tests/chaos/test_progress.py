@@ -1,0 +1,67 @@
+"""The kill points of the chaos harness: a watcher sees a job's commits and unindexed outputs in a
+real OUT, and each point strikes only at its state of progress, never on a clock."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from cogdist.sink.ledger import INDEX, PartWriter
+from cogdist.sink.naming import output_path
+from cogdist.storage import open_location
+from tests.chaos.progress import COMMIT, LAUNCH, RENDER, SCANNED, STARTING, KillPlan, KillPoint, Watcher
+
+SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string())])
+
+
+def commit(writer: PartWriter, location, ids: list[str]) -> None:
+    for item_id in ids:
+        location.write_bytes(output_path(item_id, "png"), b"png")
+    writer.add([{"id": i, "path": output_path(i, "png")} for i in ids])
+    writer.commit()
+
+
+def test_a_plan_covers_every_point_in_fixed_shares_and_says_how_many_rows_it_needs():
+    plan = KillPlan.random(10, random.Random(3))
+    assert Counter(p.kind for p in plan.points) == {LAUNCH: 1, SCANNED: 1, STARTING: 2, RENDER: 3, COMMIT: 3}
+    assert all(1 <= p.rows <= 3 for p in plan.points if p.kind in (RENDER, COMMIT))
+    assert plan.rows_needed(10) == sum(p.rows + 10 for p in plan.points if p.kind in (RENDER, COMMIT)) + 1
+    assert [p.describe() for p in plan.points] == [
+        p.describe() for p in KillPlan.random(10, random.Random(3)).points
+    ]
+
+
+def test_points_strike_at_their_state_of_the_job(tmp_path):
+    location = open_location(str(tmp_path / "out"))
+    log = tmp_path / "driver.log"
+    earlier = PartWriter(location, INDEX, SCHEMA)
+    commit(earlier, location, ["old/0", "old/1"])  # an earlier attempt's rows
+    location.write_bytes(output_path("old/2", "png"), b"png")  # ... and an output it never indexed
+
+    time.sleep(0.02)  # file times come from a coarse clock: let it tick past the earlier attempt
+    watcher = Watcher(location, log=log)  # a new attempt, launched now
+    assert KillPoint(LAUNCH).reached(watcher) == "before its first line"
+    assert KillPoint(SCANNED).reached(watcher) is None
+    log.write_text("cogdist: 5 rows in manifest\n")
+    assert KillPoint(SCANNED).reached(watcher).startswith("first line printed")
+
+    writer = PartWriter(location, INDEX, SCHEMA)
+    commit(writer, location, ["new/0"])
+    watcher.look()
+    assert (watcher.commits, watcher.new_rows, watcher.grew) == (1, 1, True)
+    assert KillPoint(COMMIT, rows=2).reached(watcher) is None  # too few rows of this attempt yet
+    assert KillPoint(COMMIT, rows=1).reached(watcher) == "just after a commit, 3 indexed"
+    assert KillPoint(STARTING).reached(watcher).startswith("missed the start")
+    watcher.look()
+    assert not watcher.grew and KillPoint(COMMIT, rows=1).reached(watcher) is None  # no new commit
+
+    # Outputs stored since the last commit, by this attempt, and not indexed: what RENDER needs
+    # (besides a worker in `render`, which a watcher without a session never sees).
+    assert watcher.unindexed_outputs() == 0  # old/2 predates this attempt
+    time.sleep(0.02)
+    location.write_bytes(output_path("new/1", "png"), b"png")
+    assert watcher.unindexed_outputs() == 1
+    assert KillPoint(RENDER, rows=1).reached(watcher) is None
