@@ -209,6 +209,28 @@ def replica_layout(options: RenderOptions, cluster: Cluster) -> tuple[int, GangS
     return replicas, GangSpec(size, options.cpus_per_worker or float(share), 0.0)
 
 
+def worker_settings(options: RenderOptions, threads: int | None = None) -> WorkerSettings:
+    """What every worker of a job is given, from the job's resolved options; `threads`: torch's
+    intra-op threads on a CPU worker (None: torch's default)."""
+    return WorkerSettings(
+        format=options.format,
+        quality=options.quality,
+        dtype=options.dtype,
+        threads=threads,
+        vae_tiling=bool(options.vae_tiling),
+        vae_slicing=bool(options.vae_slicing),
+        cpu_offload=bool(options.cpu_offload),
+        sp=options.sp,
+        cfg_parallel=options.cfg_parallel,
+        collective_timeout=options.collective_timeout,
+        storage_timeout=options.storage_timeout,
+        step_checkpoint=options.step_checkpoint,
+        cache=options.cache,
+        cache_threshold=options.cache_threshold,
+        return_outputs=options.dataset != FILES,
+    )
+
+
 @dataclass
 class Replica:
     index: int
@@ -240,24 +262,8 @@ class RenderLoop:
         self.scheduler = scheduler
         self.policy = RestartPolicy(self.options.max_gang_restarts)
         n, gang_spec = replica_layout(self.options, cluster)
-        settings = WorkerSettings(
-            format=self.options.format,
-            quality=self.options.quality,
-            dtype=self.options.dtype,
-            threads=None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member),
-            vae_tiling=bool(self.options.vae_tiling),
-            vae_slicing=bool(self.options.vae_slicing),
-            cpu_offload=bool(self.options.cpu_offload),
-            sp=self.options.sp,
-            cfg_parallel=self.options.cfg_parallel,
-            collective_timeout=self.options.collective_timeout,
-            storage_timeout=self.options.storage_timeout,
-            step_checkpoint=self.options.step_checkpoint,
-            cache=self.options.cache,
-            cache_threshold=self.options.cache_threshold,
-            return_outputs=self.options.dataset != FILES,
-        )
-        args = (job.spec, job.out.worker_uri, settings)
+        threads = None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member)
+        args = (job.spec, job.out.worker_uri, worker_settings(self.options, threads))
         self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
         self.waiting: dict = {}  # ObjectRef -> (Replica, unit id or None for a setup call)
         self.index = PartWriter(job.out, INDEX, index_schema(job.source.schema))

@@ -87,15 +87,22 @@ def unreadable_on_one_rank(marker_dir: Path, victim: str, rank: int) -> type:
     return UnreadableOnOneRank
 
 
-def timed_worker(log_dir: Path, slow_width: int, slow_seconds: float) -> type:
-    """A worker that takes `slow_seconds` longer for rows of width `slow_width`, and logs every
-    unit it renders as a JSON line (pid, ids, start, end) in `log_dir`."""
+def timed_worker(log_dir: Path, slow_width: int, wait_for: int, bound: float = 120.0) -> type:
+    """A worker that logs every unit it renders as a JSON line (pid, ids, start, end) in `log_dir`,
+    and holds a unit of rows of width `slow_width` until `wait_for` other units are logged (at most
+    `bound` seconds): slow by the job's progress, not by the clock. A unit queued behind the slow
+    one on the same worker can only end after it, whatever the machine's speed."""
+
+    def logged() -> int:
+        return sum(len(path.read_text().splitlines()) for path in Path(log_dir).glob("*.jsonl"))
 
     class TimedWorker(RenderWorker):
         def render(self, unit):
             start = time.time()
             if unit.items[0].width == slow_width:
-                time.sleep(slow_seconds)
+                deadline = time.monotonic() + bound
+                while logged() < wait_for and time.monotonic() < deadline:
+                    time.sleep(0.05)
             result = super().render(unit)
             record = {
                 "pid": os.getpid(),
@@ -108,6 +115,22 @@ def timed_worker(log_dir: Path, slow_width: int, slow_seconds: float) -> type:
             return result
 
     return TimedWorker
+
+
+def poison_when_all_render(marker_dir: Path, replicas: int) -> type:
+    """A PoisonWorker whose renders wait until `replicas` workers have each been handed a unit:
+    the driver then knows every replica as ready before any row finishes, whatever the machine's
+    speed (the wait is bounded, so a replica that never starts fails the test, not hangs it)."""
+
+    class PoisonWhenAllRender(PoisonWorker):
+        def render(self, unit):
+            (Path(marker_dir) / f"rendering-{os.getpid()}").touch()
+            deadline = time.monotonic() + 120
+            while len(list(Path(marker_dir).glob("rendering-*"))) < replicas and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return super().render(unit)
+
+    return PoisonWhenAllRender
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import DEMO, ROOT, cli, kill_after_first_commit, read_table, write_manifest
@@ -56,18 +55,10 @@ def test_demo_render_then_rerun_renders_nothing(tmp_path):
     assert conflict.returncode == 2 and "--guidance: 5.0 in OUT, 7.0 now" in conflict.stderr
 
 
-def kill_manifest(tmp_path: Path, n: int = 60) -> Path:
-    # Big enough that a render takes several seconds, so the kill lands mid-run.
-    rows = [
-        {
-            "id": f"kill/{i:03d}",
-            "prompt": f"scene {i} " + "x" * (i % 17),
-            "width": 192,
-            "height": 192,
-            "num_inference_steps": 8,
-        }
-        for i in range(n)
-    ]
+def kill_manifest(tmp_path: Path, n: int = 24) -> Path:
+    # The kill follows the first commit, which holds the first unit or two; the next commit comes
+    # --commit-interval later, so rows remain to resume on a machine of any speed.
+    rows = [{"id": f"kill/{i:03d}", "prompt": f"scene {i} " + "x" * (i % 17)} for i in range(n)]
     return write_manifest(tmp_path / "kill.parquet", rows)
 
 
@@ -92,7 +83,7 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
         "--no-progress",
     ]
     committed = kill_after_first_commit(command, out)
-    assert 0 < committed < 60
+    assert 0 < committed < 24
 
     after_kill, _ = read_table(out)
     assert after_kill.num_rows >= committed
@@ -104,7 +95,7 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
 
     table, location = read_table(out)
     ids = table["id"].to_pylist()
-    assert sorted(ids) == [f"kill/{i:03d}" for i in range(60)]  # every id, once
+    assert sorted(ids) == [f"kill/{i:03d}" for i in range(24)]  # every id, once
     for row in table.to_pylist():
         assert decode(location, row["path"]).shape == (row["height"], row["width"], 3)
     # Outputs rendered but not indexed before the kill were re-rendered under the same name:
@@ -114,58 +105,7 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
         for info in location.fs.get_file_info(pafs.FileSelector(location.path("outputs"), recursive=True))
         if info.type.name == "File"
     ]
-    assert len(stored) == 60
-
-
-def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(tmp_path):
-    target = {"id": "target", "prompt": "a red fox in the snow", "seed": 42, "negative_prompt": "blurry"}
-    mates = [
-        {"id": f"mate-{i}", "prompt": p, "seed": i, "negative_prompt": None}
-        for i, p in enumerate(
-            [
-                "owl",
-                "a much longer prompt about a lighthouse on a cliff at dusk",
-                "a red cat",
-                "koi",
-                "ramen with an egg",
-            ]
-        )
-    ]
-    alone = write_manifest(tmp_path / "alone.parquet", [target])
-    crowd = write_manifest(tmp_path / "crowd.parquet", mates[:2] + [target] + mates[2:])
-    runs = {
-        "alone": (alone, ["--replicas", "1"]),
-        "batched": (crowd, ["--replicas", "1", "--batch-size", "4"]),
-        "two replicas": (crowd, ["--replicas", "2", "--batch-size", "2"]),
-    }
-    images = {}
-    for name, (manifest, flags) in runs.items():
-        out = tmp_path / name.replace(" ", "-")
-        result = cli(
-            "render", str(manifest), "--model", "tiny-cogview4", "--out", str(out), "--no-progress", *flags
-        )
-        assert result.returncode == 0, result.stderr
-        table, location = read_table(str(out))
-        row = table.filter(ds.field("id") == "target").to_pylist()[0]
-        assert row["seed"] == 42
-        images[name] = decode(location, row["path"]).astype(int)
-    for name in ("batched", "two replicas"):
-        assert np.abs(images[name] - images["alone"]).max() <= 1, name
-
-    # Reproducible outside cogdist: the stock diffusers pipeline with a CPU generator.
-    from cogdist.models.cogview4 import build_tiny
-
-    pipe = build_tiny(0)
-    stock = pipe(
-        target["prompt"],
-        negative_prompt=target["negative_prompt"],
-        height=64,
-        width=64,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        generator=torch.Generator("cpu").manual_seed(42),
-    ).images[0]
-    np.testing.assert_array_equal(np.asarray(stock).astype(int), images["alone"])
+    assert len(stored) == 24
 
 
 def test_models_lists_the_presets():

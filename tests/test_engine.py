@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+import torch
 from PIL import Image
 
 import cogdist
@@ -155,14 +156,15 @@ def test_status_of_a_folder_without_a_job(tmp_path):
 
 def test_quick_rows_never_wait_behind_a_slow_unit_while_a_replica_is_free(ray_session, tmp_path):
     """A mixed manifest: one slow shape and many quick ones. Nothing is queued behind the slow
-    unit, so every quick row is done while it still renders, on the other replica."""
+    unit, so every quick row is done while it still renders, on the other replica. (The slow unit
+    lasts until every quick unit is done: one queued behind it would end only after it.)"""
     rows = [{"id": "slow", "prompt": "a big scene", "width": 128, "height": 64}]
     rows += [{"id": f"quick/{i:02d}", "prompt": f"scene {i}"} for i in range(12)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     log = tmp_path / "log"
     log.mkdir()
     options = RenderOptions(str(manifest), "tiny-cogview4", str(tmp_path / "out"), progress=False, replicas=2)
-    summary = engine.run(options, worker_class=timed_worker(log, slow_width=128, slow_seconds=8.0))
+    summary = engine.run(options, worker_class=timed_worker(log, slow_width=128, wait_for=12))
     assert summary.ok and summary.done == 13
     units = [json.loads(line) for path in log.iterdir() for line in path.read_text().splitlines()]
     slow = next(u for u in units if u["ids"] == ["slow"])
@@ -199,3 +201,60 @@ def test_out_of_memory_is_retried_once_saving_memory_before_it_counts(ray_sessio
     assert "OutOfMemoryError" in failure[0]["error"]
     retries = [c for c in calls if "item/003" in c["ids"] and c["tiling"] and c["oom"]]
     assert len(retries) == 2
+
+
+def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(ray_session, tmp_path):
+    target = {"id": "target", "prompt": "a red fox in the snow", "seed": 42, "negative_prompt": "blurry"}
+    mates = [
+        {"id": f"mate-{i}", "prompt": p, "seed": i, "negative_prompt": None}
+        for i, p in enumerate(
+            [
+                "owl",
+                "a much longer prompt about a lighthouse on a cliff at dusk",
+                "a red cat",
+                "koi",
+                "ramen with an egg",
+            ]
+        )
+    ]
+    alone = write_manifest(tmp_path / "alone.parquet", [target])
+    crowd = write_manifest(tmp_path / "crowd.parquet", mates[:2] + [target] + mates[2:])
+    # The worker rendering alone uses as many torch threads as the stock pipeline below.
+    threads = 2
+    runs = {
+        "alone": (alone, {"replicas": 1, "cpus_per_worker": threads}),
+        "batched": (crowd, {"replicas": 1, "batch_size": 4}),
+        "two replicas": (crowd, {"replicas": 2, "batch_size": 2}),
+    }
+    images = {}
+    for name, (manifest, options) in runs.items():
+        out = tmp_path / name.replace(" ", "-")
+        summary = cogdist.render(
+            str(manifest), model="tiny-cogview4", out=str(out), progress=False, **options
+        )
+        assert summary.ok, summary.describe()
+        row = index_table(out).filter(ds.field("id") == "target").to_pylist()[0]
+        assert row["seed"] == 42
+        images[name] = np.asarray(Image.open(out / row["path"]).convert("RGB")).astype(int)
+    for name in ("batched", "two replicas"):
+        assert np.abs(images[name] - images["alone"]).max() <= 1, name
+
+    # Reproducible outside cogdist: the stock diffusers pipeline with a CPU generator.
+    from cogdist.models.cogview4 import build_tiny
+
+    pipe = build_tiny(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stock = pipe(
+            target["prompt"],
+            negative_prompt=target["negative_prompt"],
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            generator=torch.Generator("cpu").manual_seed(42),
+        ).images[0]
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(np.asarray(stock).astype(int), images["alone"])

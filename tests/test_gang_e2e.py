@@ -11,6 +11,7 @@ from cogdist import engine
 from cogdist.options import RenderOptions
 from tests.conftest import cli, read_table, write_manifest
 from tests.faults import dying_member, hanging_member, unreadable_on_one_rank
+from tests.inprocess import render_in_process
 
 PIXELS = 2
 
@@ -24,58 +25,60 @@ def pixels(out, table, item_id: str, column: str = "path") -> np.ndarray:
     return np.asarray(Image.open(f"{out}/{row[column]}"), dtype=int)
 
 
-def test_sp2_and_cfg_parallel_renders_through_the_cli_match_one_gpu(tmp_path):
+def test_sp2_and_cfg_parallel_renders_match_one_gpu(ray_session, tmp_path):
+    """--sp 2 through the engine on the session's Ray, --sp 2 --cfg-parallel through the CLI, each
+    against the rows rendered alone by one in-process worker."""
     manifest = write_manifest(tmp_path / "m.parquet", rows(3))
-    outs = {}
-    for name, flags in {"sp1": [], "sp2": ["--sp", "2"], "sp2cfg": ["--sp", "2", "--cfg-parallel"]}.items():
-        outs[name] = tmp_path / name
-        done = cli(
-            "render",
-            str(manifest),
-            "--model",
-            "tiny-cogview4",
-            "--out",
-            str(outs[name]),
-            "--replicas",
-            "1",
-            "--steps",
-            "3",
-            "--no-progress",
-            *flags,
+    reference = render_in_process(rows(3), "tiny-cogview4", tmp_path / "sp1", steps=3)
+    sp2 = engine.run(
+        RenderOptions(
+            str(manifest), "tiny-cogview4", str(tmp_path / "sp2"), replicas=1, steps=3, sp=2, progress=False
         )
-        assert done.returncode == 0, done.stderr
-    tables = {name: read_table(str(out))[0] for name, out in outs.items()}
+    )
+    assert sp2.ok, sp2.describe()
+    done = cli(
+        "render",
+        str(manifest),
+        "--model",
+        "tiny-cogview4",
+        "--out",
+        str(tmp_path / "sp2cfg"),
+        "--replicas",
+        "1",
+        "--steps",
+        "3",
+        "--no-progress",
+        "--sp",
+        "2",
+        "--cfg-parallel",
+    )
+    assert done.returncode == 0, done.stderr
     for name in ("sp2", "sp2cfg"):
-        assert sorted(tables[name]["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
+        table = read_table(str(tmp_path / name))[0]
+        assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
         for item_id in ("g/0", "g/1", "g/2"):
-            reference = pixels(outs["sp1"], tables["sp1"], item_id)
-            difference = np.abs(pixels(outs[name], tables[name], item_id) - reference).max()
+            difference = np.abs(pixels(tmp_path / name, table, item_id) - reference[item_id]).max()
             assert difference <= PIXELS, f"{name} {item_id}: {difference}"
 
 
 def test_video_gang_with_cfg_parallel_matches_one_gpu(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
-    outs = {name: tmp_path / name for name in ("sp1", "gang")}
-    for name, flags in {"sp1": [], "gang": ["--sp", "2", "--cfg-parallel"]}.items():
-        done = cli(
-            "render",
-            str(manifest),
-            "--model",
-            "tiny-cogvideox",
-            "--out",
-            str(outs[name]),
-            "--replicas",
-            "1",
-            "--steps",
-            "2",
-            "--frames",
-            "9",
-            "--save-frames",
-            "--no-progress",
-            *flags,
-        )
-        assert done.returncode == 0, done.stderr
-    frames = {name: sorted((outs[name] / "outputs").rglob("*.png")) for name in outs}
+    settings = ["--replicas", "1", "--steps", "2", "--frames", "9", "--save-frames", "--no-progress"]
+    done = cli(
+        "render",
+        str(manifest),
+        "--model",
+        "tiny-cogvideox",
+        "--out",
+        str(tmp_path / "gang"),
+        *settings,
+        "--sp",
+        "2",
+        "--cfg-parallel",
+    )
+    assert done.returncode == 0, done.stderr
+    render_in_process(rows(1), "tiny-cogvideox", tmp_path / "sp1", steps=2, frames=9, save_frames=True)
+    frames = {name: sorted((tmp_path / name / "outputs").rglob("*.png")) for name in ("sp1", "gang")}
     assert len(frames["sp1"]) == len(frames["gang"]) == 9
     for one, gang in zip(frames["sp1"], frames["gang"]):
         difference = np.abs(np.asarray(Image.open(one), int) - np.asarray(Image.open(gang), int)).max()

@@ -10,7 +10,7 @@ from cogdist import engine
 from cogdist.options import RenderOptions
 from cogdist.progress import Progress
 from tests.conftest import write_manifest
-from tests.faults import PoisonWorker
+from tests.faults import poison_when_all_render
 
 
 def test_progress_line_lists_replicas_or_counts_them_by_state():
@@ -47,7 +47,8 @@ def test_a_run_shows_its_counts_replicas_and_ray_metrics(ray_session, tmp_path, 
     options = RenderOptions(
         str(manifest), "tiny-cogview4", str(out), steps=3, max_retries=0, replicas=2, progress=True
     )
-    summary = engine.run(options, worker_class=PoisonWorker)
+    # Both replicas hold a unit before any row finishes, so the line shows both rendering.
+    summary = engine.run(options, worker_class=poison_when_all_render(tmp_path, replicas=2))
     assert (summary.done, summary.failed) == (4, 1)
 
     log = capsys.readouterr().err

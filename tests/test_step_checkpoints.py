@@ -4,6 +4,7 @@ gives exactly the uninterrupted output, for each CogVideoX task (DPM and DDIM sc
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from cogdist.models import cogvideox
 from cogdist.storage import open_location
 from cogdist.worker.checkpoint import CHECKPOINTS, StepCheckpoints, checkpoint_path
 from tests.conftest import cli, committed_rows, kill_driver_when, probe_mp4, read_table, write_manifest
+from tests.inprocess import render_in_process
 from tests.test_cogvideox import TASKS, pipe_of, row
 
 CPU = torch.device("cpu")
@@ -154,11 +156,14 @@ def saved_step(folder: Path) -> int:
 
 @pytest.mark.e2e
 def test_a_driver_killed_mid_item_resumes_from_the_checkpoint_and_equals_an_uninterrupted_render(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "long/1", "prompt": "a long walk on a beach"}])
-    settings = ["--model", "tiny-cogvideox", "--width", "96", "--height", "96", "--frames", "17"]
-    settings += ["--steps", "30", "--replicas", "1", "--step-checkpoint", "3"]
+    long_row = {"id": "long/1", "prompt": "a long walk on a beach"}
+    manifest = write_manifest(tmp_path / "m.parquet", [long_row])
+    size = {"width": 96, "height": 96, "frames": 17, "steps": 20}
+    settings = [f"--{name}={value}" for name, value in size.items()]
+    settings += ["--model", "tiny-cogvideox", "--replicas", "1", "--step-checkpoint", "3"]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cogdist", "render", str(manifest), "--out", str(out), *settings]
+    # The kill waits for the item's progress: step 6 of 20 saved.
     kill_driver_when(command, lambda: saved_step(out / CHECKPOINTS) >= 6)
     killed_at = saved_step(out / CHECKPOINTS)
     assert committed_rows(str(out)) == 0, "the item finished before the kill"
@@ -169,12 +174,13 @@ def test_a_driver_killed_mid_item_resumes_from_the_checkpoint_and_equals_an_unin
     assert match and int(match.group(1)) >= killed_at, resumed.stderr[-2000:]
     assert list((out / CHECKPOINTS).rglob("*.pt")) == [], "the finished item's checkpoint is still there"
 
+    # The uninterrupted render: one worker in this process with the CPUs the CLI's worker had
+    # (the embedded instance's, all of them, for its one replica).
     reference = tmp_path / "reference"
-    plain = cli("render", str(manifest), "--out", str(reference), *settings)
-    assert plain.returncode == 0, plain.stderr
+    render_in_process([long_row], "tiny-cogvideox", reference, threads=os.cpu_count(), **size)
     [resumed_row] = read_table(str(out))[0].to_pylist()
-    [plain_row] = read_table(str(reference))[0].to_pylist()
-    assert resumed_row["sha256"] == plain_row["sha256"]
+    plain = (reference / resumed_row["path"]).read_bytes()
+    assert resumed_row["sha256"] == hashlib.sha256(plain).hexdigest()
     data = (out / resumed_row["path"]).read_bytes()
     assert hashlib.sha256(data).hexdigest() == resumed_row["sha256"] and len(data) == resumed_row["bytes"]
     assert probe_mp4(out / resumed_row["path"])[1].shape == (17, 96, 96, 3)

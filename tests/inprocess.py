@@ -1,0 +1,63 @@
+"""A job's rows rendered in this process, without Ray: the reference a batched, distributed or
+resumed run is compared with.
+
+`render_in_process` plans the job as `cogdist render` does (model, defaults, manifest checks),
+then runs `RenderWorker` exactly as one actor of a single-GPU replica does: `setup`, then `render`
+of one unit per row, writing the outputs under OUT. It costs a pipeline build, not a Ray instance
+and worker processes, so a test can afford one wherever the reference is not what it tests.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from cogdist.engine import plan, worker_settings
+from cogdist.manifest.rows import RowDefaults
+from cogdist.options import RenderOptions
+from cogdist.scheduler.pending import pending_rows, scan_pending
+from cogdist.sink.encode import extension
+from cogdist.work import WorkUnit
+from cogdist.worker.worker import RenderWorker
+from tests.conftest import probe_mp4, write_manifest
+
+
+def render_in_process(
+    rows: list[dict], model: str, out: Path, threads: int | None = None, **options: object
+) -> dict[str, np.ndarray]:
+    """Render `rows` with `model` into the folder `out`, one row per unit, on one in-process
+    worker; returns each row's decoded output (an image, or a video's frames), by id. `threads`:
+    torch's CPU threads meanwhile, as a worker given that many CPUs sets them (restored after)."""
+    manifest = write_manifest(out.with_name(out.name + "-manifest.parquet"), rows)
+    job = plan(RenderOptions(str(manifest), model, str(out), **options))  # type: ignore[arg-type]
+    empty = pa.array([], pa.string())
+    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
+    pending = pending_rows(job.source, scan_pending(job.source, empty, empty), job.spec, defaults)
+    worker = RenderWorker(job.spec, job.out.worker_uri, worker_settings(job.options, threads))
+    before = torch.get_num_threads()
+    try:
+        worker.setup()
+        return _render_rows(worker, job, pending, out)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _render_rows(worker: RenderWorker, job, pending, out: Path) -> dict[str, np.ndarray]:
+    decoded = {}
+    for number, (item, _) in enumerate(pending):
+        [result] = worker.render(WorkUnit(number, (item,))).items
+        assert result.ok, result.error
+        data = job.out.read_bytes(item.output)
+        if item.output.endswith(".mp4"):
+            path = out / f".{number}.mp4"
+            path.write_bytes(data)
+            decoded[item.id] = probe_mp4(path)[1]
+            path.unlink()
+        else:
+            decoded[item.id] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return decoded
