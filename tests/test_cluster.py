@@ -25,7 +25,8 @@ from tests.conftest import (
     write_manifest,
 )
 
-pytestmark = pytest.mark.e2e
+# One test process starts the module's Ray head and runs every test that joins it.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray-head")]
 
 RAY = Path(sys.executable).with_name("ray")
 # A loopback test cluster: no auth token to hand around (Ray 2.60 enables token auth).

@@ -17,6 +17,7 @@ from cogdist.errors import UsageError
 from cogdist.options import RenderOptions
 from tests.conftest import write_manifest
 from tests.faults import PoisonWorker, dying_worker, out_of_memory, timed_worker
+from tests.inprocess import render_in_process
 
 
 def manifest_rows(n: int, **extra) -> list[dict]:
@@ -217,25 +218,20 @@ def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(r
             ]
         )
     ]
-    alone = write_manifest(tmp_path / "alone.parquet", [target])
     crowd = write_manifest(tmp_path / "crowd.parquet", mates[:2] + [target] + mates[2:])
-    # The worker rendering alone uses as many torch threads as the stock pipeline below.
+    # Alone: one worker as a replica runs it, in this process, with as many torch threads as the
+    # stock pipeline below.
     threads = 2
-    runs = {
-        "alone": (alone, {"replicas": 1, "cpus_per_worker": threads}),
-        "batched": (crowd, {"replicas": 1, "batch_size": 4}),
-        "two replicas": (crowd, {"replicas": 2, "batch_size": 2}),
-    }
-    images = {}
-    for name, (manifest, options) in runs.items():
+    images = {"alone": render_in_process([target], "tiny-cogview4", tmp_path / "alone", threads)["target"]}
+    runs = {"batched": {"replicas": 1, "batch_size": 4}, "two replicas": {"replicas": 2, "batch_size": 2}}
+    for name, options in runs.items():
         out = tmp_path / name.replace(" ", "-")
-        summary = cogdist.render(
-            str(manifest), model="tiny-cogview4", out=str(out), progress=False, **options
-        )
+        summary = cogdist.render(str(crowd), model="tiny-cogview4", out=str(out), progress=False, **options)
         assert summary.ok, summary.describe()
         row = index_table(out).filter(ds.field("id") == "target").to_pylist()[0]
         assert row["seed"] == 42
-        images[name] = np.asarray(Image.open(out / row["path"]).convert("RGB")).astype(int)
+        images[name] = np.asarray(Image.open(out / row["path"]).convert("RGB"))
+    images = {name: image.astype(int) for name, image in images.items()}
     for name in ("batched", "two replicas"):
         assert np.abs(images[name] - images["alone"]).max() <= 1, name
 

@@ -93,7 +93,7 @@ def test_text_and_video_to_video_mixed_shapes_bad_inputs_and_batch_independence(
     manifest = write_manifest(tmp_path / "mixed.parquet", rows)
     out = str(tmp_path / "out")
     command = ["render", str(manifest), "--model", "tiny-cogvideox", "--out", out, "--no-progress"]
-    flags = ["--batch-size", "2", "--save-frames", "--max-retries", "1"]
+    flags = ["--batch-size", "2", "--save-frames", "--max-retries", "1", "--replicas", "1"]
     first = cli(*command, *flags)
     assert first.returncode == 1, first.stderr  # two rows failed, the rest finished
     assert "4 rendered, 0 already done, 2 failed of 6 rows" in first.stdout
@@ -166,6 +166,8 @@ def test_image_to_video_from_local_and_s3_inputs(tmp_path, inputs, s3_server, s3
         "--no-progress",
         "--max-retries",
         "0",
+        "--replicas",
+        "1",
     )
     assert result.returncode == 1, result.stderr
     assert "3 rendered, 0 already done, 2 failed of 5 rows" in result.stdout
@@ -189,7 +191,17 @@ def test_cogvideox_15_traits_fps_16_and_video_to_video_frames(tmp_path, inputs):
     ]
     manifest = write_manifest(tmp_path / "m15.parquet", rows)
     out = str(tmp_path / "out")
-    result = cli("render", str(manifest), "--model", "tiny-cogvideox1.5", "--out", out, "--no-progress")
+    result = cli(
+        "render",
+        str(manifest),
+        "--model",
+        "tiny-cogvideox1.5",
+        "--out",
+        out,
+        "--no-progress",
+        "--replicas",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     table, location = read_table(out)
     by_id = {row["id"]: row for row in table.to_pylist()}
@@ -249,6 +261,8 @@ def test_glm_image_text_and_image_to_image_with_bad_inputs(tmp_path, inputs):
         "2",
         "--max-retries",
         "0",
+        "--replicas",
+        "1",
     )
     assert result.returncode == 1, result.stderr
     assert "5 rendered, 0 already done, 2 failed of 7 rows" in result.stdout

@@ -12,6 +12,9 @@ from cogdist.parallel.group import Gang, Layout
 from cogdist.parallel.vae import apply_distributed_vae_decode
 from tests.distributed import run_gang
 
+# The tests share a module fixture: one test process runs them all.
+pytestmark = pytest.mark.xdist_group("vae-gang")
+
 
 def _autoencoder_kl() -> AutoencoderKL:
     """The tiny CogView4 VAE: 64 px tiles of 8 latents."""

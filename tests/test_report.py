@@ -32,6 +32,9 @@ from tests.conftest import probe_mp4, write_manifest
 CHROMIUM = "/usr/bin/chromium"
 WINDOW = (1400, 2400)
 
+# The tests share a module fixture: one test process runs them all.
+pytestmark = pytest.mark.xdist_group("report-jobs")
+
 
 @pytest.fixture(scope="module")
 def jobs(ray_session, tmp_path_factory) -> dict[str, Path]:

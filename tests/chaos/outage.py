@@ -192,7 +192,7 @@ class Lines:
             self.lines.append(line)
 
     def count(self, text: str, start: int = 0) -> int:
-        return sum(text in line for line in self.lines[start:])
+        return sum(line.count(text) for line in self.lines[start:])
 
     def text(self) -> str:
         self._thread.join(timeout=30)
@@ -224,6 +224,9 @@ def _location(store: FlakyStore, out: str):
 
 
 RETRYING = "retrying for up to"  # what the driver and workers log when a read or write is retried
+# Every worker line reaches the driver's output as it is: Ray folds lines that differ only in
+# numbers (two workers' retries of two outputs) into one "[repeated Nx]" line, seconds later.
+EVERY_LINE = {"RAY_DEDUP_LOGS": "0"}
 
 
 def storage_outage(workdir: Path, rows: int = 60, outages: int = 2, steps: int = STEPS) -> Outcome:
@@ -244,7 +247,7 @@ def storage_outage(workdir: Path, rows: int = 60, outages: int = 2, steps: int =
         command = render_command(manifest, out, "--storage-timeout", "120", steps=steps)
         driver = subprocess.Popen(
             command,
-            env={**os.environ, **store.env},
+            env={**os.environ, **store.env, **EVERY_LINE},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -301,7 +304,7 @@ def storage_outage_stops(workdir: Path, rows: int = 40, steps: int = STEPS) -> O
         make_bucket(store.env, "chaos")
         location = _location(store, out)
         command = render_command(manifest, out, "--storage-timeout", "4", steps=steps)
-        env = {**os.environ, **store.env}
+        env = {**os.environ, **store.env, **EVERY_LINE}
         driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         said = Lines(driver.stderr)
         watcher = Watcher(location)

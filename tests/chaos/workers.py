@@ -324,6 +324,8 @@ def malformed_manifests(workdir: Path) -> Outcome:
             "-q",
             "-p",
             "no:cacheprovider",
+            "-p",
+            "no:xdist",  # in one process: hypothesis reports its statistics there only
             "--hypothesis-show-statistics",
             "tests/test_manifest_properties.py",
         ],
