@@ -47,7 +47,9 @@ def tar_members(out: Path) -> dict[str, dict[str, bytes]]:
 def test_parquet_dataset_loads_with_hf_datasets_and_resumes_into_new_shards(ray_session, tmp_path):
     out = tmp_path / "out"
     first = write_manifest(tmp_path / "a.parquet", rows(5))
-    options = dict(model="tiny-cogview4", out=str(out), progress=False, dataset="parquet", shard_size=2)
+    options = dict(
+        model="tiny-cogview4", out=str(out), progress=False, dataset="parquet", shard_size=2, replicas=1
+    )
     summary = cogdist.render(str(first), **options)
     assert (summary.done, summary.ok) == (5, True)
     assert sorted(p.name for p in (out / "data").iterdir()) == [
@@ -98,6 +100,7 @@ def test_video_webdataset_shards_hold_mp4_json_and_txt(ray_session, tmp_path):
         dataset="webdataset",
         shard_size=2,
         steps=2,
+        replicas=1,
     )
     assert summary.ok
     shards = tar_members(out)

@@ -34,7 +34,7 @@ def test_render_by_model_path_fills_the_index_once(ray_session, tmp_path, tiny_m
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(6))
     out = tmp_path / "out"
     summary = cogdist.render(
-        str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, batch_size=2
+        str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, batch_size=2, replicas=1
     )
     assert (summary.done, summary.skipped, summary.failed, summary.ok) == (6, 0, 0, True)
     table = index_table(out)
@@ -42,7 +42,7 @@ def test_render_by_model_path_fills_the_index_once(ray_session, tmp_path, tiny_m
     row = table.filter(ds.field("id") == "item/004").to_pylist()[0]
     assert row["tag"] == "t1" and row["model"] == str(tiny_model_dir) and row["attempts"] == 1
     assert row["uri"] == str(out / row["path"]) and Image.open(row["uri"]).size == (64, 64)
-    again = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), progress=False)
+    again = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, replicas=1)
     assert (again.done, again.skipped) == (0, 6)
     assert index_table(out).num_rows == 6
 
@@ -54,7 +54,7 @@ def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, 
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), progress=False, batch_size=2, max_retries=2
+        str(manifest), "tiny-cogview4", str(out), progress=False, batch_size=2, max_retries=2, replicas=1
     )
     summary = engine.run(options, worker_class=PoisonWorker)
     assert (summary.done, summary.failed, summary.ok, summary.exit_code) == (3, 2, False, 1)
@@ -70,7 +70,7 @@ def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, 
     rerun = engine.run(options)
     assert (rerun.done, rerun.previously_failed, rerun.ok) == (0, 2, False)
     retried = engine.run(
-        RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, retry_failed=True)
+        RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, retry_failed=True, replicas=1)
     )
     assert (retried.done, retried.skipped, retried.ok) == (2, 3, True)
     assert index_table(out).num_rows == 5
@@ -94,7 +94,9 @@ def test_worker_death_rebuilds_the_replica_and_costs_no_attempt(ray_session, tmp
 def test_s3_output_through_the_api(ray_session, tmp_path, s3_bucket):
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(4))
     out = f"s3://{s3_bucket}/run"
-    summary = cogdist.render(str(manifest), model="tiny-cogview4", out=out, progress=False, format="jpeg")
+    summary = cogdist.render(
+        str(manifest), model="tiny-cogview4", out=out, progress=False, format="jpeg", replicas=1
+    )
     assert summary.ok and summary.out == out
     from cogdist.storage import open_location
 
@@ -120,7 +122,7 @@ def test_sizes_and_defaults_reach_the_output(ray_session, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     assert cogdist.render(
-        str(manifest), model="tiny-cogview4", out=str(out), progress=False, width=96, height=96
+        str(manifest), model="tiny-cogview4", out=str(out), progress=False, width=96, height=96, replicas=1
     ).ok
     table = {r["id"]: r for r in index_table(out).to_pylist()}
     assert (table["wide"]["width"], table["wide"]["height"]) == (128, 64)
@@ -136,7 +138,7 @@ def test_credentials_never_reach_the_index_records_or_messages(ray_session, tmp_
     rows[2]["prompt"] = "poison"
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = f"s3://{s3_server['AWS_ACCESS_KEY_ID']}:{secret}@{s3_bucket}/creds"
-    options = RenderOptions(str(manifest), "tiny-cogview4", out, progress=False, max_retries=0)
+    options = RenderOptions(str(manifest), "tiny-cogview4", out, progress=False, max_retries=0, replicas=1)
     summary = engine.run(options, worker_class=PoisonWorker)
     assert (summary.done, summary.failed) == (2, 1)
     assert secret not in repr(summary)

@@ -5,7 +5,8 @@ dashboard agent and runtime-env agent linger as orphans. The driver therefore st
 process with a pipe on its stdin: while the driver lives, it notes the driver's Ray descendants;
 when the pipe closes (the driver exited, however it died) it terminates those still running.
 
-Run as `python -m cogdist.executor.reaper DRIVER_PID`.
+Run as `python path/to/reaper.py DRIVER_PID`: by its file, so that it imports psutil alone, not
+the cogdist package (whose import costs a second of CPU at every render's start).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def watch(driver_pid: int) -> None:
 def start() -> subprocess.Popen:
     """Start a reaper for this process; close its stdin (or exit) to make it act."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cogdist.executor.reaper", str(os.getpid())],
+        [sys.executable, os.path.abspath(__file__), str(os.getpid())],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
