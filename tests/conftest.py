@@ -47,6 +47,22 @@ def pytest_configure(config: pytest.Config) -> None:
             f"the tests need the test extra, and {', '.join(missing)} is missing: "
             'run `pip install -e ".[test]"` (.ci/run installs everything the tests need)'
         )
+    if not hasattr(config, "workerinput"):  # once, in the process that starts the test processes
+        ensure_ray_auth_token()
+
+
+def ensure_ray_auth_token() -> None:
+    """Ray 2.60 turns token auth on for every new local Ray and writes ~/.ray/auth_token if it is
+    missing, with a plain overwrite: on a fresh machine the suite's parallel Ray starts could each
+    write their own token and leave a cluster whose token is not the file's. One token, first."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").exists():
+        return
+    ray = Path(sys.executable).with_name("ray")
+    made = subprocess.run([str(ray), "get-auth-token", "--generate"], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise pytest.UsageError(f"`ray get-auth-token --generate` failed: {made.stderr[-500:]}")
 
 
 DEMO = ROOT / "manifests" / "demo.parquet"

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,9 @@ from tests.conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray-head")]
 
 RAY = Path(sys.executable).with_name("ray")
-# A loopback test cluster: no auth token to hand around (Ray 2.60 enables token auth).
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# Token auth on, as users' clusters have it (Ray 2.60): the head and every client read the
+# token from ~/.ray/auth_token, which conftest makes sure exists.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
 FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 
 
@@ -76,13 +79,22 @@ def ray_head():
         env={**RAY_ENV, "PATH": path},
     )
     address = f"127.0.0.1:{port}"
-    # `ray status` blocks for a long time while GCS is not up: wait for its port first.
-    wait_for_port(port, 60)
-    wait_for_port(dashboard_port, 60)
-    wait_for_port(agent_port, 60)  # the job server hands jobs to the head's agent
+    # `ray status` blocks for a long time while GCS is not up: wait for its ports first (the
+    # job server hands jobs to the head's agent).
+    for name, listening in (("GCS", port), ("dashboard", dashboard_port), ("agent", agent_port)):
+        if not wait_for_port(listening, 60):
+            reap_session(os.getsid(head.pid))
+            raise RuntimeError(
+                f"`ray start --head` did not open its {name} port 127.0.0.1:{listening} within 60 s: "
+                "the test needs free loopback ports (Ray's workers also take 10002-19999)"
+            )
     for _ in range(20):  # GCS answers before the cluster is fully up
         probe = subprocess.run(
-            [str(RAY), "status", "--address", address], capture_output=True, text=True, timeout=120
+            [str(RAY), "status", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=RAY_ENV,
         )
         if probe.returncode == 0:
             break
@@ -116,14 +128,19 @@ def test_render_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head
         ray_head.address,
         "--replicas",
         "2",
+        env={"RAY_AUTH_MODE": "token"},
     )
     assert result.returncode == 0, result.stderr
     assert "Ray joined" in result.stderr and "2 replica(s)" in result.stderr
     assert ds.dataset(str(out / "index")).to_table().num_rows == 4
     status = subprocess.run(
-        [str(RAY), "status", "--address", ray_head.address], capture_output=True, text=True
+        [str(RAY), "status", "--address", ray_head.address], capture_output=True, text=True, env=RAY_ENV
     )
     assert status.returncode == 0, "the cluster must survive a driver that joined it"
+    # Token auth is on: the job server refuses a request that does not carry the token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_head.dashboard}/api/jobs/", timeout=30)
+    assert refused.value.code in (401, 403), refused.value
 
 
 def submit(head: Head, entry_point: list[str], env_vars: dict[str, str] | None = None):
@@ -234,13 +251,13 @@ s = cogdist.render({str(manifest)!r}, model="tiny-cogview4", out={str(out)!r}, a
 print(json.dumps({{"done": s.done, "failed": s.failed, "ok": s.ok}}))
 """
     result = subprocess.run(
-        [sys.executable, "-c", driver], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [sys.executable, "-c", driver], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=RAY_ENV
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {"done": 2, "failed": 0, "ok": True}
     table = ds.dataset(str(out / "index")).to_table()
     assert sorted(table["id"].to_pylist()) == ["p0", "p1"]
     status = subprocess.run(
-        [str(RAY), "status", "--address", ray_head.address], capture_output=True, text=True
+        [str(RAY), "status", "--address", ray_head.address], capture_output=True, text=True, env=RAY_ENV
     )
     assert status.returncode == 0, "the cluster must survive a Python driver that joined it"
