@@ -2,11 +2,14 @@
 
     python -m tests.chaos.report                       # every scenario
     python -m tests.chaos.report --only driver-kills-s3  # one; the others keep their last figures
-    python -m tests.chaos.report --steps 6 --json /tmp/fast.json --out /tmp/fast.md
-                                                       # renders 4x quicker: do the faults still land?
+    python -m tests.chaos.report --steps 6 --json benchmarks/results/reliability_steps6.json \
+        --out /tmp/fast.md --label "--steps 6 (renders ~4x quicker)"
+                                                       # do the faults still land?
 
 Each scenario runs in a fresh temporary folder. With --only, the results of the scenarios not
-run are taken from the existing JSON, so the document always lists every scenario.
+run are taken from the existing JSON, so the document always lists every scenario. Results
+kept beside the main ones as benchmarks/results/reliability_*.json (runs under other
+conditions, each with its --label) appear in the document's table of conditions.
 """
 
 from __future__ import annotations
@@ -71,7 +74,47 @@ def load(path: Path) -> dict[str, dict]:
     return {entry["scenario"]: entry for entry in json.loads(path.read_text()).get("scenarios", [])}
 
 
-def render_doc(entries: list[dict]) -> str:
+def conditions(main: Path) -> list[tuple[str, dict[str, dict]]]:
+    """The runs kept under other conditions beside `main` (reliability_*.json), by label."""
+    runs = []
+    for path in sorted(main.parent.glob(f"{main.stem}_*.json")):
+        data = json.loads(path.read_text())
+        runs.append((data.get("label", path.stem), load(path)))
+    return runs
+
+
+def render_conditions(entries: list[dict], others: list[tuple[str, dict[str, dict]]]) -> list[str]:
+    """A table: each scenario's result in the main run and under each other condition."""
+    if not others:
+        return []
+    runs = [
+        (f"--steps {entries[0].get('steps', STEPS)} (this document)", {e["scenario"]: e for e in entries})
+    ]
+    runs += others
+    lines = [
+        "## Faster and slower machines",
+        "",
+        "The progress-keyed faults must land, and the audit pass, however fast the renders run. The",
+        "same scenarios with renders sped up and slowed down (each cell: result, faults that landed,",
+        "seconds; the rows indexed at each fault are in that run's JSON notes):",
+        "",
+        "| scenario | " + " | ".join(label for label, _ in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for name in [e["scenario"] for e in entries]:
+        cells = []
+        for _, run in runs:
+            if name not in run:
+                cells.append("—")
+                continue
+            o = Outcome.from_dict(run[name])
+            cells.append(f"{'pass' if o.ok else '**FAIL**'}, {o.times} faults, {o.seconds:.0f} s")
+        if any(cell != "—" for cell in cells[1:]):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def render_doc(entries: list[dict], others: list[tuple[str, dict[str, dict]]] = ()) -> str:
     lines = [
         "# Reliability: fault injection against real runs",
         "",
@@ -111,7 +154,7 @@ def render_doc(entries: list[dict]) -> str:
             f"| {o.scenario} | {o.injected} | {o.times} | {o.expected} | {o.indexed} | {o.duplicates} "
             f"| {o.lost} | {o.failed} | {'pass' if o.ok else '**FAIL**'} | {o.seconds:.0f} |"
         )
-    lines += ["", "## Per scenario", ""]
+    lines += ["", *render_conditions(entries, list(others)), "## Per scenario", ""]
     for e in entries:
         o = Outcome.from_dict(e)
         m = e.get("machine", {})
@@ -148,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"denoising steps of the scenarios' renders (default {STEPS}): fewer make a quicker "
         "machine, more a slower one; the faults must land either way",
     )
+    parser.add_argument(
+        "--label",
+        help="what was different about this run, for the table of conditions (default: --steps N)",
+    )
     args = parser.parse_args(argv)
 
     names = args.only or list(SCENARIOS)
@@ -164,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         e for n, e in entries.items() if n not in SCENARIOS
     ]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"scenarios": ordered}, indent=2, ensure_ascii=False) + "\n")
+    label = args.label or (f"--steps {args.steps}" if args.steps else None)
+    record = {**({"label": label} if label else {}), "scenarios": ordered}
+    args.json.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render_doc(ordered))
+    others = conditions(RESULTS) if args.json == RESULTS else []
+    args.out.write_text(render_doc(ordered, others))
     print(f"wrote {args.out} and {args.json}")
     return 0 if all(Outcome.from_dict(entries[n]).ok for n in names) else 1
 

@@ -3,6 +3,7 @@ real OUT, and each point strikes only at its state of progress, never on a clock
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -65,3 +66,23 @@ def test_points_strike_at_their_state_of_the_job(tmp_path):
     location.write_bytes(output_path("new/1", "png"), b"png")
     assert watcher.unindexed_outputs() == 1
     assert KillPoint(RENDER, rows=1).reached(watcher) is None
+
+
+def test_the_report_tables_each_scenario_under_every_condition_it_ran_in(tmp_path):
+    from tests.chaos.harness import Outcome
+    from tests.chaos.report import conditions, render_doc
+
+    def run(times: int, lost: int = 0) -> dict:
+        outcome = Outcome("driver-kills-local", "SIGKILL", times, 74, 74 - lost, 0, lost, 0, seconds=150)
+        return {**outcome.to_dict(), "steps": 24}
+
+    main = tmp_path / "reliability.json"
+    main.write_text(json.dumps({"scenarios": [run(10)]}))
+    (tmp_path / "reliability_steps6.json").write_text(
+        json.dumps({"label": "--steps 6", "scenarios": [run(10, lost=1)]})
+    )
+    doc = render_doc([run(10)], conditions(main))
+    assert "| scenario | --steps 24 (this document) | --steps 6 |" in doc
+    # a failure under another condition is shown as one, not averaged away
+    assert "| driver-kills-local | pass, 10 faults, 150 s | **FAIL**, 10 faults, 150 s |" in doc
+    assert "## Faster and slower machines" not in render_doc([run(10)], [])
