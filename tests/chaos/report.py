@@ -108,7 +108,7 @@ def render_conditions(entries: list[dict], others: list[tuple[str, dict[str, dic
                 cells.append("—")
                 continue
             o = Outcome.from_dict(run[name])
-            cells.append(f"{'pass' if o.ok else '**FAIL**'}, {o.times} faults, {o.seconds:.0f} s")
+            cells.append(f"{'pass' if o.ok else '**FAIL**'}, {o.times} landed, {o.seconds:.0f} s")
         if any(cell != "—" for cell in cells[1:]):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]

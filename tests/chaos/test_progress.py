@@ -84,5 +84,5 @@ def test_the_report_tables_each_scenario_under_every_condition_it_ran_in(tmp_pat
     doc = render_doc([run(10)], conditions(main))
     assert "| scenario | --steps 24 (this document) | --steps 6 |" in doc
     # a failure under another condition is shown as one, not averaged away
-    assert "| driver-kills-local | pass, 10 faults, 150 s | **FAIL**, 10 faults, 150 s |" in doc
+    assert "| driver-kills-local | pass, 10 landed, 150 s | **FAIL**, 10 landed, 150 s |" in doc
     assert "## Faster and slower machines" not in render_doc([run(10)], [])
