@@ -1,5 +1,7 @@
-"""The driver SIGKILLed at random moments, 10 times over one 120-row job, then run to completion:
-every id indexed once, every output decodable and matching its row, nothing orphaned."""
+"""The driver SIGKILLed 10 times over one 120-row job, each kill at a point of its progress drawn
+at random (before its first line, job record written, workers starting, a unit in flight after
+N rows, just after a commit), then run to completion: every kill landed, every id indexed once,
+every output decodable and matching its row, nothing orphaned."""
 
 from __future__ import annotations
 
