@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray-head")]
 RAY = Path(sys.executable).with_name("ray")
 # Token auth on, as users' clusters have it (Ray 2.60): the head and every client read the
 # token from ~/.ray/auth_token, which conftest makes sure exists.
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
+RAY_ENV = {**os.environ, **TOKEN_AUTH}
 FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 
 
@@ -41,6 +42,13 @@ FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 class Head:
     address: str  # GCS, for drivers: HOST:PORT
     dashboard: str  # job server, for `ray job`: http://HOST:PORT
+
+
+def ray_status(address: str) -> subprocess.CompletedProcess:
+    """`ray status` against the test cluster, sending its token."""
+    return subprocess.run(
+        [str(RAY), "status", "--address", address], capture_output=True, text=True, timeout=120, env=RAY_ENV
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +97,7 @@ def ray_head():
                 "the test needs free loopback ports (Ray's workers also take 10002-19999)"
             )
     for _ in range(20):  # GCS answers before the cluster is fully up
-        probe = subprocess.run(
-            [str(RAY), "status", "--address", address],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=RAY_ENV,
-        )
+        probe = ray_status(address)
         if probe.returncode == 0:
             break
         time.sleep(1)
@@ -128,14 +130,12 @@ def test_render_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head
         ray_head.address,
         "--replicas",
         "2",
-        env={"RAY_AUTH_MODE": "token"},
+        env=TOKEN_AUTH,
     )
     assert result.returncode == 0, result.stderr
     assert "Ray joined" in result.stderr and "2 replica(s)" in result.stderr
     assert ds.dataset(str(out / "index")).to_table().num_rows == 4
-    status = subprocess.run(
-        [str(RAY), "status", "--address", ray_head.address], capture_output=True, text=True, env=RAY_ENV
-    )
+    status = ray_status(ray_head.address)
     assert status.returncode == 0, "the cluster must survive a driver that joined it"
     # Token auth is on: the job server refuses a request that does not carry the token.
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -257,7 +257,5 @@ print(json.dumps({{"done": s.done, "failed": s.failed, "ok": s.ok}}))
     assert json.loads(result.stdout.splitlines()[-1]) == {"done": 2, "failed": 0, "ok": True}
     table = ds.dataset(str(out / "index")).to_table()
     assert sorted(table["id"].to_pylist()) == ["p0", "p1"]
-    status = subprocess.run(
-        [str(RAY), "status", "--address", ray_head.address], capture_output=True, text=True, env=RAY_ENV
-    )
+    status = ray_status(ray_head.address)
     assert status.returncode == 0, "the cluster must survive a Python driver that joined it"

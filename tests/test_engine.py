@@ -19,6 +19,9 @@ from tests.conftest import write_manifest
 from tests.faults import PoisonWorker, dying_worker, out_of_memory, timed_worker
 from tests.inprocess import render_in_process
 
+# Where the replica count is not the point: one worker (a second costs its start-up), no progress line.
+ONE_QUIET_REPLICA = {"progress": False, "replicas": 1}
+
 
 def manifest_rows(n: int, **extra) -> list[dict]:
     return [
@@ -34,7 +37,7 @@ def test_render_by_model_path_fills_the_index_once(ray_session, tmp_path, tiny_m
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(6))
     out = tmp_path / "out"
     summary = cogdist.render(
-        str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, batch_size=2, replicas=1
+        str(manifest), model=str(tiny_model_dir), out=str(out), batch_size=2, **ONE_QUIET_REPLICA
     )
     assert (summary.done, summary.skipped, summary.failed, summary.ok) == (6, 0, 0, True)
     table = index_table(out)
@@ -42,7 +45,7 @@ def test_render_by_model_path_fills_the_index_once(ray_session, tmp_path, tiny_m
     row = table.filter(ds.field("id") == "item/004").to_pylist()[0]
     assert row["tag"] == "t1" and row["model"] == str(tiny_model_dir) and row["attempts"] == 1
     assert row["uri"] == str(out / row["path"]) and Image.open(row["uri"]).size == (64, 64)
-    again = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), progress=False, replicas=1)
+    again = cogdist.render(str(manifest), model=str(tiny_model_dir), out=str(out), **ONE_QUIET_REPLICA)
     assert (again.done, again.skipped) == (0, 6)
     assert index_table(out).num_rows == 6
 
@@ -54,7 +57,7 @@ def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, 
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), progress=False, batch_size=2, max_retries=2, replicas=1
+        str(manifest), "tiny-cogview4", str(out), batch_size=2, max_retries=2, **ONE_QUIET_REPLICA
     )
     summary = engine.run(options, worker_class=PoisonWorker)
     assert (summary.done, summary.failed, summary.ok, summary.exit_code) == (3, 2, False, 1)
@@ -70,7 +73,7 @@ def test_poison_rows_are_retried_then_recorded_and_the_rest_finish(ray_session, 
     rerun = engine.run(options)
     assert (rerun.done, rerun.previously_failed, rerun.ok) == (0, 2, False)
     retried = engine.run(
-        RenderOptions(str(manifest), "tiny-cogview4", str(out), progress=False, retry_failed=True, replicas=1)
+        RenderOptions(str(manifest), "tiny-cogview4", str(out), retry_failed=True, **ONE_QUIET_REPLICA)
     )
     assert (retried.done, retried.skipped, retried.ok) == (2, 3, True)
     assert index_table(out).num_rows == 5
@@ -81,9 +84,7 @@ def test_worker_death_rebuilds_the_replica_and_costs_no_attempt(ray_session, tmp
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(8))
     out = tmp_path / "out"
     worker = dying_worker(tmp_path, victim="item/005")
-    options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, max_retries=0
-    )
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(out), **ONE_QUIET_REPLICA, max_retries=0)
     summary = engine.run(options, worker_class=worker)
     assert (tmp_path / "died").exists(), "the fault was not injected"
     assert (summary.done, summary.failed, summary.ok) == (8, 0, True)
@@ -95,7 +96,7 @@ def test_s3_output_through_the_api(ray_session, tmp_path, s3_bucket):
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(4))
     out = f"s3://{s3_bucket}/run"
     summary = cogdist.render(
-        str(manifest), model="tiny-cogview4", out=out, progress=False, format="jpeg", replicas=1
+        str(manifest), model="tiny-cogview4", out=out, format="jpeg", **ONE_QUIET_REPLICA
     )
     assert summary.ok and summary.out == out
     from cogdist.storage import open_location
@@ -122,7 +123,7 @@ def test_sizes_and_defaults_reach_the_output(ray_session, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     assert cogdist.render(
-        str(manifest), model="tiny-cogview4", out=str(out), progress=False, width=96, height=96, replicas=1
+        str(manifest), model="tiny-cogview4", out=str(out), width=96, height=96, **ONE_QUIET_REPLICA
     ).ok
     table = {r["id"]: r for r in index_table(out).to_pylist()}
     assert (table["wide"]["width"], table["wide"]["height"]) == (128, 64)
@@ -138,7 +139,7 @@ def test_credentials_never_reach_the_index_records_or_messages(ray_session, tmp_
     rows[2]["prompt"] = "poison"
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = f"s3://{s3_server['AWS_ACCESS_KEY_ID']}:{secret}@{s3_bucket}/creds"
-    options = RenderOptions(str(manifest), "tiny-cogview4", out, progress=False, max_retries=0, replicas=1)
+    options = RenderOptions(str(manifest), "tiny-cogview4", out, max_retries=0, **ONE_QUIET_REPLICA)
     summary = engine.run(options, worker_class=PoisonWorker)
     assert (summary.done, summary.failed) == (2, 1)
     assert secret not in repr(summary)
@@ -182,7 +183,7 @@ def test_out_of_memory_is_retried_once_saving_memory_before_it_counts(ray_sessio
     log = tmp_path / "calls.jsonl"
     worker = out_of_memory(log, once="item/001", always="item/003")
     options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), progress=False, replicas=1, batch_size=2, max_retries=1
+        str(manifest), "tiny-cogview4", str(out), **ONE_QUIET_REPLICA, batch_size=2, max_retries=1
     )
     summary = engine.run(options, worker_class=worker)
     calls = [json.loads(line) for line in log.read_text().splitlines()]

@@ -22,6 +22,8 @@ from tests.inprocess import render_in_process
 
 pytestmark = pytest.mark.e2e
 LUMA = np.array([0.299, 0.587, 0.114])
+# Where the replica count is not the point: one worker (a second costs its start-up).
+ONE_REPLICA = ("--replicas", "1")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_text_and_video_to_video_mixed_shapes_bad_inputs_and_batch_independence(
     manifest = write_manifest(tmp_path / "mixed.parquet", rows)
     out = str(tmp_path / "out")
     command = ["render", str(manifest), "--model", "tiny-cogvideox", "--out", out, "--no-progress"]
-    flags = ["--batch-size", "2", "--save-frames", "--max-retries", "1", "--replicas", "1"]
+    flags = ["--batch-size", "2", "--save-frames", "--max-retries", "1", *ONE_REPLICA]
     first = cli(*command, *flags)
     assert first.returncode == 1, first.stderr  # two rows failed, the rest finished
     assert "4 rendered, 0 already done, 2 failed of 6 rows" in first.stdout
@@ -166,8 +168,7 @@ def test_image_to_video_from_local_and_s3_inputs(tmp_path, inputs, s3_server, s3
         "--no-progress",
         "--max-retries",
         "0",
-        "--replicas",
-        "1",
+        *ONE_REPLICA,
     )
     assert result.returncode == 1, result.stderr
     assert "3 rendered, 0 already done, 2 failed of 5 rows" in result.stdout
@@ -199,8 +200,7 @@ def test_cogvideox_15_traits_fps_16_and_video_to_video_frames(tmp_path, inputs):
         "--out",
         out,
         "--no-progress",
-        "--replicas",
-        "1",
+        *ONE_REPLICA,
     )
     assert result.returncode == 0, result.stderr
     table, location = read_table(out)
@@ -223,7 +223,7 @@ def test_control_video_job_killed_mid_run_resumes_with_every_id_once(tmp_path, i
     manifest = write_manifest(tmp_path / "fun.parquet", rows)
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "cogdist", "render", str(manifest), "--model", "tiny-cogvideox-fun"]
-    command += ["--out", out, "--no-progress", "--replicas", "1"]
+    command += ["--out", out, "--no-progress", *ONE_REPLICA]
     assert 0 < kill_after_first_commit(command, out) < n
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -261,8 +261,7 @@ def test_glm_image_text_and_image_to_image_with_bad_inputs(tmp_path, inputs):
         "2",
         "--max-retries",
         "0",
-        "--replicas",
-        "1",
+        *ONE_REPLICA,
     )
     assert result.returncode == 1, result.stderr
     assert "5 rendered, 0 already done, 2 failed of 7 rows" in result.stdout

@@ -114,7 +114,7 @@ def render_conditions(entries: list[dict], others: list[tuple[str, dict[str, dic
     return [*lines, ""]
 
 
-def render_doc(entries: list[dict], others: list[tuple[str, dict[str, dict]]] = ()) -> str:
+def render_doc(entries: list[dict], others: list[tuple[str, dict[str, dict]]] | None = None) -> str:
     lines = [
         "# Reliability: fault injection against real runs",
         "",
@@ -154,7 +154,7 @@ def render_doc(entries: list[dict], others: list[tuple[str, dict[str, dict]]] = 
             f"| {o.scenario} | {o.injected} | {o.times} | {o.expected} | {o.indexed} | {o.duplicates} "
             f"| {o.lost} | {o.failed} | {'pass' if o.ok else '**FAIL**'} | {o.seconds:.0f} |"
         )
-    lines += ["", *render_conditions(entries, list(others)), "## Per scenario", ""]
+    lines += ["", *render_conditions(entries, others or []), "## Per scenario", ""]
     for e in entries:
         o = Outcome.from_dict(e)
         m = e.get("machine", {})
