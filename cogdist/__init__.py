@@ -1,10 +1,9 @@
 """cogdist: render large batches of CogView4 / CogVideoX / GLM-Image outputs across GPUs with Ray."""
 
-__version__ = "0.1.0"
-
-from cogdist.api import JobStatus, models, render, report, status, validate  # noqa: E402
-from cogdist.engine import RenderSummary  # noqa: E402
-from cogdist.options import RenderOptions  # noqa: E402
+from cogdist._version import __version__
+from cogdist.api import JobStatus, models, render, report, status, validate
+from cogdist.engine import RenderSummary
+from cogdist.options import RenderOptions
 
 __all__ = [
     "JobStatus",

@@ -9,12 +9,11 @@ import signal
 import sys
 from dataclasses import asdict
 
-from cogdist import __version__
+from cogdist._version import __version__
 from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_ROWS_FAILED, CogdistError
 from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
 from cogdist.storage import RETRY_SECONDS
-from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK_THRESHOLD
-from cogdist.worker.cache import NONE as NO_CACHE
+from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK_THRESHOLD, NO_CACHE
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
 
 EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorded under OUT/failures)

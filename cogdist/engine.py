@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED, GangBroken, GangError, StorageError
 from cogdist.executor.cluster import Cluster, connect, disconnect
-from cogdist.executor.gang import Gang, GangSpec, GangState, RestartPolicy
+from cogdist.executor.gang import GangSpec, GangState, ReplicaGang, RestartPolicy
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.manifest.rows import RowDefaults
 from cogdist.metrics import RenderMetrics
@@ -32,7 +32,7 @@ from cogdist.sink.encode import extension
 from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job_record
 from cogdist.sink.ledger import FAILURE_SCHEMA, FAILURES, INDEX, PartWriter, index_schema, now_utc, read_ids
 from cogdist.storage import Location, open_location
-from cogdist.worker.cache import NONE as NO_CACHE
+from cogdist.worker.cache import NO_CACHE
 from cogdist.worker.worker import RenderWorker, WorkerSettings
 
 COMMIT_ROWS = 1000  # commit early when this many rows are waiting
@@ -234,7 +234,7 @@ def worker_settings(options: RenderOptions, threads: int | None = None) -> Worke
 @dataclass
 class Replica:
     index: int
-    gang: Gang
+    gang: ReplicaGang
     restarts: int = 0
     setup_pending: set = field(default_factory=set)
     last_error: str | None = None
@@ -264,7 +264,7 @@ class RenderLoop:
         n, gang_spec = replica_layout(self.options, cluster)
         threads = None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member)
         args = (job.spec, job.out.worker_uri, worker_settings(self.options, threads))
-        self.replicas = [Replica(i, Gang(i, gang_spec, worker_class, args)) for i in range(n)]
+        self.replicas = [Replica(i, ReplicaGang(i, gang_spec, worker_class, args)) for i in range(n)]
         self.waiting: dict = {}  # ObjectRef -> (Replica, unit id or None for a setup call)
         self.index = PartWriter(job.out, INDEX, index_schema(job.source.schema))
         self.shards: ShardWriter | None = None

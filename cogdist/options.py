@@ -10,7 +10,7 @@ from cogdist.parallel.check import check_layout
 from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
 from cogdist.storage import RETRY_SECONDS
-from cogdist.worker.cache import FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NONE, check_step_cache
+from cogdist.worker.cache import FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
 from cogdist.worker.worker import DTYPES
 
 
@@ -60,7 +60,7 @@ class RenderOptions:
     default."""
     dtype: str = "auto"
     """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
-    cache: str = NONE
+    cache: str = NO_CACHE
     """Step cache on the transformer: none, first-block, taylorseer or pab (see cogdist.worker.cache).
     Fewer transformer computations; outputs differ slightly from uncached ones."""
     cache_threshold: float | None = None
@@ -153,7 +153,7 @@ class RenderOptions:
             gang_size=self.gang_size,
             batch_size=self.batch_size,
         )
-        if self.cache != NONE and self.step_checkpoint:
+        if self.cache != NO_CACHE and self.step_checkpoint:
             # Tested: a resumed row restarts the cache's state and differs from an uninterrupted one.
             raise UsageError(
                 "--step-checkpoint: a render resumed from a step checkpoint starts the step cache over, "
@@ -207,6 +207,6 @@ class RenderOptions:
             else self.cache_threshold,
             # A step checkpoint cannot hold the cache's state (see check): none by default.
             step_checkpoint=0
-            if self.cache != NONE and self.step_checkpoint is None
+            if self.cache != NO_CACHE and self.step_checkpoint is None
             else self.step_checkpoint,
         )

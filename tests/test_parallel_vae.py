@@ -8,7 +8,7 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderTiny
 
 from cogdist.models import cogvideox, cogview4
-from cogdist.parallel.group import Gang, Layout
+from cogdist.parallel.group import GangGroup, Layout
 from cogdist.parallel.vae import apply_distributed_vae_decode
 from tests.distributed import run_gang
 
@@ -55,7 +55,7 @@ class _CountCalls:
         return calls
 
 
-def _decode_on_gang(gang: Gang) -> dict[str, dict]:
+def _decode_on_gang(gang: GangGroup) -> dict[str, dict]:
     """Every case on this rank: stock tiled decode, then the distributed one over groups of 3, 2, 1."""
     # Group creation is collective over the world: before any rank takes its own path.
     groups = {GANG_SIZE: dist.group.WORLD, 2: dist.new_group([0, 1]), 1: dist.new_subgroups(group_size=1)[0]}

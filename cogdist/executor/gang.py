@@ -1,6 +1,6 @@
 """Gangs: K worker actors in one STRICT_PACK placement group, started, used and killed as one.
 
-Ray has no primitive for actors that fail together, so a Gang owns its placement group and its
+Ray has no primitive for actors that fail together, so a ReplicaGang owns its placement group and its
 actors (`max_restarts=0`): on any member's death the engine kills the rest, removes the group
 and builds a new gang (the pattern of Ray Train's worker group and vLLM's Ray executor).
 """
@@ -55,8 +55,9 @@ class RestartPolicy:
         return restarts_so_far < self.max_restarts
 
 
-class Gang:
-    """One replica: K actors of `worker_class`, ranks 0..K-1, in one placement group."""
+class ReplicaGang:
+    """One replica (driver side): K actors of `worker_class`, ranks 0..K-1, in one placement group.
+    Inside the workers the same gang is a `cogdist.parallel.group.GangGroup`."""
 
     def __init__(self, replica: int, spec: GangSpec, worker_class: type, worker_args: tuple[Any, ...]):
         self.replica = replica

@@ -42,7 +42,8 @@ def work_items(
         item_id = row["id"]
         image, video = _present(row, "image"), _present(row, "video")
         task = spec.task_for(image is not None, video is not None)
-        assert task is not None, f"row {item_id!r} was validated"
+        if task is None:  # validate_manifest refuses such rows before any is read here
+            raise ValueError(f"row {item_id!r} has inputs {spec.name} has no task for")
         yield (
             WorkItem(
                 id=item_id,

@@ -73,7 +73,8 @@ class ManifestSource:
             self.files.append(ManifestFile(path, name, meta.num_rows))
         if problems:
             raise ManifestError(problems[:20], total=len(problems))
-        assert schema is not None
+        if schema is None:  # no files: ManifestSource refuses an empty match above
+            raise ManifestError([ManifestProblem(f"no Parquet schema read at {self.location.public_uri}")])
         self.schema: pa.Schema = schema.remove_metadata()
 
     @property

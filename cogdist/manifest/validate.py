@@ -478,7 +478,8 @@ def _check_frames(
     check: _BatchChecker, spec: ModelSpec, frames: pa.Array | None, video_input: np.ndarray
 ) -> None:
     rule = spec.frames
-    assert rule is not None
+    if rule is None:
+        raise TypeError(f"{spec.name} is a video model without a frame rule")
     n = check.part.batch.num_rows
     default = spec.num_frames or 1
     counts = (

@@ -44,7 +44,7 @@ from cogdist.models.registry import (
 from cogdist.models.tiny import tiny_tokenizer
 from cogdist.parallel.broadcast import on_first_rank
 from cogdist.parallel.cfg import BATCHED
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 from cogdist.work import WorkItem
 from cogdist.worker.checkpoint import StepCheckpoints
 
@@ -162,7 +162,7 @@ def render(
     items: Sequence[WorkItem],
     device: torch.device,
     inputs: Sequence,
-    gang: Gang | None = None,
+    gang: GangGroup | None = None,
     checkpoints: StepCheckpoints | None = None,
 ) -> list[np.ndarray]:
     """Videos (uint8, frames x height x width x 3) for `items`, which share one shape and task.

@@ -29,7 +29,7 @@ from cogdist.models.registry import ModelSpec
 from cogdist.models.tiny import tiny_tokenizer
 from cogdist.parallel.broadcast import on_first_rank
 from cogdist.parallel.cfg import PAIRED, pairing
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 from cogdist.work import WorkItem
 
 
@@ -114,7 +114,7 @@ def render(
     items: Sequence[WorkItem],
     device: torch.device,
     inputs: Sequence | None = None,
-    gang: Gang | None = None,
+    gang: GangGroup | None = None,
 ) -> list[np.ndarray]:
     """Images (uint8, height x width x 3) for `items`, which share one shape, in their order.
 

@@ -59,7 +59,7 @@ from cogdist.models.loading import from_pretrained
 from cogdist.models.registry import ModelSpec
 from cogdist.parallel.broadcast import on_first_rank
 from cogdist.parallel.cfg import PAIRED, pairing
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 from cogdist.work import WorkItem
 from cogdist.worker.inputs import InputError, Inputs
 
@@ -361,7 +361,7 @@ def render(
     device: torch.device,
     inputs: Sequence[Inputs] | None = None,
     priors: Sequence[PriorTokens] | None = None,
-    gang: Gang | None = None,
+    gang: GangGroup | None = None,
 ) -> list[np.ndarray]:
     """Images (uint8, height x width x 3) for `items`, in their order.
 

@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 
 T = TypeVar("T")
 
 
-def on_first_rank(gang: Gang | None, stage: Callable[[], T]) -> T:
+def on_first_rank(gang: GangGroup | None, stage: Callable[[], T]) -> T:
     """`stage()` run on rank 0 alone; every rank returns its result (tensors on its own device)."""
     if gang is None or gang.world_size == 1:
         return stage()
@@ -38,7 +38,7 @@ def _to(value, device: torch.device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def drop_first_rank_models(pipe, gang: Gang | None, names: tuple[str, ...]) -> None:
+def drop_first_rank_models(pipe, gang: GangGroup | None, names: tuple[str, ...]) -> None:
     """On every rank but the first, remove the models only first-rank stages use (CogView4's
     9B GLM text encoder, GLM-Image's 9B AR model, CogVideoX's T5), before they reach a GPU."""
     if gang is None or gang.is_writer:
@@ -46,7 +46,7 @@ def drop_first_rank_models(pipe, gang: Gang | None, names: tuple[str, ...]) -> N
     pipe.register_modules(**dict.fromkeys(names))
 
 
-def failed_on_any_rank(gang: Gang, failed: list[bool]) -> list[bool]:
+def failed_on_any_rank(gang: GangGroup, failed: list[bool]) -> list[bool]:
     """Per row: did it fail on any rank of the gang? (One small all-reduce.)"""
     flags = torch.tensor(failed, dtype=torch.uint8, device=gang.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)

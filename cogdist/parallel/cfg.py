@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 
 BATCHED = "batched"
 PAIRED = "paired"
@@ -33,7 +33,7 @@ def _never(kwargs: dict) -> bool:
 class CfgParallel:
     """The forward wrapper installed on a transformer by `apply_cfg_parallel`."""
 
-    def __init__(self, forward: Callable, gang: Gang, mode: str) -> None:
+    def __init__(self, forward: Callable, gang: GangGroup, mode: str) -> None:
         self.forward = forward
         self.gang = gang
         self.mode = mode
@@ -82,7 +82,7 @@ class CfgParallel:
         return parts
 
 
-def apply_cfg_parallel(transformer: torch.nn.Module, gang: Gang, mode: str) -> CfgParallel | None:
+def apply_cfg_parallel(transformer: torch.nn.Module, gang: GangGroup, mode: str) -> CfgParallel | None:
     """Split guidance over the gang's two halves (after any sequence parallelism is applied)."""
     if gang.layout.cfg == 1:
         return None

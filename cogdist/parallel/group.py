@@ -41,8 +41,9 @@ class Layout:
 
 
 @dataclass
-class Gang:
-    """One rank's view of its gang: the world group, the mesh and its place in both."""
+class GangGroup:
+    """One rank's view of its gang's torch.distributed group (worker side): the world group, the
+    mesh and its place in both. The driver's side of a gang is `cogdist.executor.gang.ReplicaGang`."""
 
     layout: Layout
     rank: int
@@ -62,7 +63,8 @@ class Gang:
         return self.rank // self.layout.sp
 
     def cfg_group(self) -> dist.ProcessGroup:
-        assert self.mesh is not None
+        if self.mesh is None:
+            raise ValueError("a single-rank gang has no CFG group")
         return self.mesh["cfg"].get_group()
 
 
@@ -82,10 +84,10 @@ def init_gang(
     device: torch.device,
     init_timeout: float = INIT_TIMEOUT_SECONDS,
     collective_timeout: float = COLLECTIVE_TIMEOUT_SECONDS,
-) -> Gang:
+) -> GangGroup:
     """Join the gang's process group and build its mesh; a single rank needs neither."""
     if layout.world_size == 1:
-        return Gang(layout, 0, device, None)
+        return GangGroup(layout, 0, device, None)
     host, port = address
     # "cpu:gloo" on CPU: uneven (Ulysses-anything) splits need the device-qualified backend.
     backend = "cuda:nccl" if device.type == "cuda" else "cpu:gloo"
@@ -103,7 +105,7 @@ def init_gang(
     mesh = init_device_mesh(
         device.type, (layout.cfg, 1, layout.sp), mesh_dim_names=("cfg", "ring", "ulysses")
     )
-    return Gang(layout, rank, device, mesh)
+    return GangGroup(layout, rank, device, mesh)
 
 
 def leave_gang() -> None:

@@ -6,12 +6,12 @@ import torch.distributed as dist
 from diffusers import DiffusionPipeline
 
 from cogdist.parallel.cfg import apply_cfg_parallel
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 from cogdist.parallel.sequence import apply_sequence_parallel
 from cogdist.parallel.vae import apply_distributed_vae_decode
 
 
-def parallelize(pipe: DiffusionPipeline, gang: Gang, cfg_mode: str) -> None:
+def parallelize(pipe: DiffusionPipeline, gang: GangGroup, cfg_mode: str) -> None:
     """Sequence parallelism inside each CFG half, CFG parallelism across the halves (the family's
     `cfg_mode`), and, when the VAE tiles, its tiles decoded across the whole gang."""
     if gang.world_size == 1:

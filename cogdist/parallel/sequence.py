@@ -39,7 +39,7 @@ from diffusers.models._modeling_parallel import (
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers import transformer_cogview4
 
-from cogdist.parallel.group import Gang
+from cogdist.parallel.group import GangGroup
 
 TOKENS = ContextParallelInput(split_dim=1, expected_dims=3)
 ROPE = ContextParallelInput(split_dim=0, expected_dims=2)
@@ -194,13 +194,13 @@ def cp_plan(transformer: torch.nn.Module) -> dict:
     return CP_PLANS[name]
 
 
-def context_parallel_config(gang: Gang, uneven: bool) -> ContextParallelConfig:
+def context_parallel_config(gang: GangGroup, uneven: bool) -> ContextParallelConfig:
     # The whole ("cfg", "ring", "ulysses") mesh: diffusers takes the ("ring", "ulysses") slice of
     # this rank's CFG half from it.
     return ContextParallelConfig(ulysses_degree=gang.layout.sp, ulysses_anything=uneven, mesh=gang.mesh)
 
 
-def apply_sequence_parallel(transformer: torch.nn.Module, gang: Gang, uneven: bool = False) -> None:
+def apply_sequence_parallel(transformer: torch.nn.Module, gang: GangGroup, uneven: bool = False) -> None:
     """Split `transformer`'s tokens over the ranks of this rank's CFG half (Ulysses attention).
 
     `uneven`: split unevenly where heads or tokens do not divide by the degree.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from cogdist import __version__
+from cogdist._version import __version__
 from cogdist.errors import ResumeConflictError
 from cogdist.sink.dataset import SHARD_FOLDERS
 from cogdist.sink.ledger import FAILURES, INDEX, now_utc

@@ -39,11 +39,11 @@ from typing import Any
 
 from cogdist.errors import UsageError
 
-NONE = "none"
+NO_CACHE = "none"
 FIRST_BLOCK = "first-block"
 TAYLORSEER = "taylorseer"
 PAB = "pab"
-CACHE_KINDS = (NONE, FIRST_BLOCK, TAYLORSEER, PAB)
+CACHE_KINDS = (NO_CACHE, FIRST_BLOCK, TAYLORSEER, PAB)
 
 FIRST_BLOCK_THRESHOLD = 0.1
 """Default relative change of the first block's residual below which the other blocks are skipped
@@ -88,7 +88,7 @@ def check_step_cache(
             raise UsageError("--cache-threshold applies to --cache first-block only")
         if not 0 < threshold < math.inf:
             raise UsageError(f"--cache-threshold must be a finite number > 0, got {threshold}")
-    if kind == NONE:
+    if kind == NO_CACHE:
         return
     if kind not in SUPPORTED.get(family, ()):
         usable = [k for k in SUPPORTED.get(family, ()) if k != kind]
@@ -110,7 +110,7 @@ def apply_step_cache(pipe: Any, kind: str, threshold: float | None = None) -> No
     Apply it before any parallelism (cogdist.parallel.pipeline.parallelize), so that the hooks see
     the tokens of their own rank.
     """
-    if kind == NONE:
+    if kind == NO_CACHE:
         return
     from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 

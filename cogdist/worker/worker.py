@@ -29,7 +29,7 @@ from cogdist.worker.checkpoint import StepCheckpoints
 from cogdist.worker.inputs import InputError, load_inputs
 
 if TYPE_CHECKING:
-    from cogdist.parallel.group import Gang
+    from cogdist.parallel.group import GangGroup
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # How torch reports a failed gloo/NCCL collective when it raises a plain RuntimeError.
@@ -86,7 +86,7 @@ class RenderWorker:
         self.rank = rank
         self.world_size = world_size
         self.pipe = None
-        self.gang: Gang | None = None
+        self.gang: GangGroup | None = None
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: where the gang's process group meets (an address and free port of this node)."""
@@ -122,7 +122,10 @@ class RenderWorker:
         if layout.world_size != self.world_size:
             raise ValueError(f"a gang of {self.world_size} cannot hold {layout}")
         if layout.world_size > 1:
-            assert address is not None, "a gang needs rank 0's rendezvous address"
+            if address is None:
+                raise ValueError(
+                    f"rank {self.rank} of a gang of {self.world_size} needs rank 0's rendezvous address"
+                )
             self.gang = init_gang(
                 layout, self.rank, address, self.device, collective_timeout=self.settings.collective_timeout
             )
