@@ -1,9 +1,9 @@
 """A computed scaling model for sequence parallelism (Ulysses, ring) and CFG parallelism.
 
-    python benchmarks/scaling_model.py                 # defaults: MFU calibrated from xDiT's A100 figure
-    python benchmarks/scaling_model.py --mfu 0.45      # another utilisation of the datasheet peak
-    python benchmarks/scaling_model.py --tflops 420    # a measured bf16 speed of one GPU (see below)
-    python benchmarks/scaling_model.py --step-time benchmarks/results/step_time.json
+    python -m benchmarks.scaling_model                 # defaults: MFU calibrated from xDiT's A100 figure
+    python -m benchmarks.scaling_model --mfu 0.45      # another utilisation of the datasheet peak
+    python -m benchmarks.scaling_model --tflops 420    # a measured bf16 speed of one GPU (see below)
+    python -m benchmarks.scaling_model --step-time benchmarks/results/step_time.json
 
 No GPU is needed. For CogView4-6B at 1024x1024 and CogVideoX-5b at 49 x 720x480 it computes, per
 denoising step with classifier-free guidance (two transformer passes of batch 1 per step):
@@ -25,7 +25,8 @@ its measured speed: `--step-time benchmarks/results/step_time.json` takes each m
 TFLOP/s (tflops_per_step / cogdist_seconds_per_step), or `--tflops T` gives one figure for both
 models; either adds a "measured GPU" system whose link is `--link-gbs` (default: H100 NVLink).
 
-Writes benchmarks/results/scaling_model.json and prints the Markdown tables kept in docs/scaling.md.
+Writes benchmarks/results/scaling_model.json and prints the Markdown tables kept in docs/scaling.md
+(benchmarks/scaling_report.py renders them).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks.scaling_report import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "tests" / "data" / "checkpoints"
@@ -360,130 +363,6 @@ def divisibility_table(workloads: list[Workload]) -> list[dict[str, Any]]:
     return out
 
 
-# -- tables -----------------------------------------------------------------------------------------
-
-
-def fmt_flops(x: float) -> str:
-    return f"{x / 1e12:.1f}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    lines: list[str] = []
-    add = lines.append
-    add("### FLOPs per denoising step (CFG: two transformer passes, batch 1 each)\n")
-    add(
-        "| model | layers | heads x dim = D | MLP inner | tokens per pass (visual + text) "
-        "| TFLOP per pass, analytic | TFLOP per pass, counted | TFLOP per step |"
-    )
-    add("|---|---|---|---|---|---|---|---|")
-    for w in result["workloads"]:
-        tokens = " / ".join(f"{w['visual_tokens']} + {t}" for t in w["text_tokens"])
-        analytic = " / ".join(fmt_flops(a["total"]) for a in w["analytic_flops_per_pass"])
-        counted = w["counted_flops_per_pass"]
-        counted_s = " / ".join(fmt_flops(c) for c in counted) if counted else "n/a"
-        add(
-            f"| {w['name']} | {w['layers']} | {w['heads']} x {w['head_dim']} = {w['width']} | {w['ff_inner']} "
-            f"| {tokens} | {analytic} | {counted_s} | **{fmt_flops(w['flops_per_step'])}** ({w['flop_source']}) |"
-        )
-    add("")
-    ratios = [
-        f"{w['name']} {sum(w['counted_flops_per_pass']) / sum(a['total'] for a in w['analytic_flops_per_pass']):.4f}"
-        for w in result["workloads"]
-        if w["counted_flops_per_pass"]
-    ]
-    if ratios:
-        add(
-            "Counted / analytic: "
-            + ", ".join(ratios)
-            + " (the analytic terms leave out the embeddings, AdaLN and output projections)."
-        )
-    add(
-        "Attention share of the analytic total: "
-        + ", ".join(f"{w['name']} {w['attention_share']:.0%}" for w in result["workloads"])
-        + ".\n"
-    )
-
-    add("### bf16 bytes moved per rank per step\n")
-    header = (
-        "| layout | K | " + " | ".join(f"{w['name']} GB (collectives)" for w in result["workloads"]) + " |"
-    )
-    add(header)
-    add("|---|---|" + "---|" * len(result["workloads"]))
-    for strategy in ("ulysses", "ring", "cfg+ulysses"):
-        for k in DEGREES:
-            cells = []
-            for w in result["workloads"]:
-                entry = w["plans"][f"{strategy}/{k}"]
-                cells.append(f"{entry['bytes_per_rank'] / 1e9:.2f} ({entry['collectives']})")
-            add(f"| {LABELS[strategy]} | {k} | " + " | ".join(cells) + " |")
-    add("")
-
-    mfu = result["assumptions"]["mfu"]
-    measured = " (the measured GPU at its measured speed)" if result["assumptions"]["measured_tflops"] else ""
-    add(f"### Predicted speed-up over one GPU (MFU {mfu:.3f}{measured}; no overlap / full overlap)\n")
-    for w in result["workloads"]:
-        add(
-            f"**{w['name']}** (one GPU: "
-            + ", ".join(f"{s}: {w['one_gpu_seconds'][s]:.2f} s/step" for s in result["system_names"])
-            + ")\n"
-        )
-        add("| layout | K | " + " | ".join(result["system_names"]) + " |")
-        add("|---|---|" + "---|" * len(result["system_names"]))
-        for strategy in ("ulysses", "ring", "cfg+ulysses"):
-            for k in DEGREES:
-                entry = w["plans"][f"{strategy}/{k}"]
-                mark = " ᵘ" if entry["needs_uneven_mode"] else ""
-                cells = [
-                    f"{entry['speedup'][s]['no_overlap']:.2f}x / {entry['speedup'][s]['full_overlap']:.2f}x{mark}"
-                    for s in result["system_names"]
-                ]
-                add(f"| {LABELS[strategy]} | {k} | " + " | ".join(cells) + " |")
-        add("")
-    add(
-        "ᵘ: the token (or head) counts do not divide by the degree; diffusers needs its uneven mode "
-        "(`ulysses_anything` / `ring_anything`) there. See the divisibility table.\n"
-    )
-
-    x = result["xdit_comparison"]
-    add("### Against xDiT's CogVideoX-5b on A100 (49 x 720x480)\n")
-    add("| | seconds per step | speed-up |")
-    add("|---|---|---|")
-    add(f"| xDiT, 1 GPU (published; calibrates the MFU) | {x['published'][1]:.2f} | 1.00x |")
-    add(
-        f"| xDiT, 4 GPUs (published, layout not stated) | {x['published'][4]:.2f} | {x['published_speedup']:.2f}x |"
-    )
-    for row in x["model"]:
-        add(
-            f"| model, {row['system']}, {LABELS[row['strategy']]} K=4 | {row['seconds']:.2f} "
-            f"| {row['speedup']:.2f}x |"
-        )
-    add("")
-    add(
-        "Effective bandwidth at which the model's no-overlap K=4 time equals xDiT's 1.27 s: "
-        + ", ".join(f"{LABELS[s]} {v:.0f} GB/s" for s, v in x["implied_link_gbs"].items())
-        + ". On the NVLink system the model leaves "
-        + ", ".join(f"{v:.2f} s ({LABELS[s]})" for s, v in x["unexplained_seconds_nvlink"].items())
-        + " of xDiT's 4-GPU step unexplained.\n"
-    )
-
-    add("### Divisibility (cogdist splits text and visual tokens separately)\n")
-    add("| model | heads | tokens split | Ulysses K=2 | K=4 | K=8 | CFG x Ulysses K=4 (SP 2) | K=8 (SP 4) |")
-    add("|---|---|---|---|---|---|---|---|")
-    for row in result["divisibility"]:
-        tokens = ", ".join(f"{n} {what}" for what, n in row["tokens"].items())
-        cells = [row[f"ulysses_k{k}"] for k in DEGREES] + [row["cfg_ulysses_k4"], row["cfg_ulysses_k8"]]
-        add(
-            f"| {row['model']} | {row['heads']} | {tokens} | "
-            + " | ".join("even" if not c else "uneven: " + ", ".join(c) for c in cells)
-            + " |"
-        )
-    add("")
-    return "\n".join(lines)
-
-
-LABELS = {"ulysses": "Ulysses", "ring": "ring (allgather)", "cfg+ulysses": "CFG-parallel x Ulysses"}
-
-
 # -- main -------------------------------------------------------------------------------------------
 
 
@@ -498,46 +377,8 @@ def measured_speeds(path: Path) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--mfu",
-        type=float,
-        default=None,
-        help="fraction of the datasheet peak reached "
-        "(default: calibrated on xDiT's 4.07 s/step for CogVideoX-5b on one A100)",
-    )
-    parser.add_argument(
-        "--tflops",
-        type=float,
-        default=None,
-        help="measured bf16 TFLOP/s one GPU achieves "
-        "on these models (FLOPs per step / seconds per step, from benchmarks/step_time.py)",
-    )
-    parser.add_argument(
-        "--step-time",
-        type=Path,
-        default=None,
-        help=f"read per-model achieved TFLOP/s from "
-        f"benchmarks/step_time.py's results (e.g. {STEP_TIME.relative_to(ROOT)})",
-    )
-    parser.add_argument(
-        "--link-gbs",
-        type=float,
-        default=350.0,
-        help="per-GPU link bandwidth of the measured "
-        "GPU's system, GB/s (default: H100 SXM NVLink assumption)",
-    )
-    parser.add_argument("--cogview4-text-tokens", type=int, default=128)
-    parser.add_argument("--cogview4-negative-tokens", type=int, default=16)
-    parser.add_argument(
-        "--no-count", action="store_true", help="analytic FLOPs only (skip the meta-device count)"
-    )
-    parser.add_argument("--output", type=Path, default=RESULT)
-    args = parser.parse_args()
-
+def predict(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's result for the command line's settings: what is written to the JSON file."""
     workloads = [cogview4(args.cogview4_text_tokens, args.cogview4_negative_tokens), cogvideox5b()]
     flops: dict[str, list[float]] = {}
     records = []
@@ -651,7 +492,7 @@ def main() -> None:
         for strategy in ("ulysses", "ring", "cfg+ulysses")
     }
 
-    result = {
+    return {
         "benchmark": "scaling_model",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "assumptions": {
@@ -688,6 +529,48 @@ def main() -> None:
         "system_names": system_names,
         "workloads": out_workloads,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        help="fraction of the datasheet peak reached "
+        "(default: calibrated on xDiT's 4.07 s/step for CogVideoX-5b on one A100)",
+    )
+    parser.add_argument(
+        "--tflops",
+        type=float,
+        default=None,
+        help="measured bf16 TFLOP/s one GPU achieves "
+        "on these models (FLOPs per step / seconds per step, from benchmarks/step_time.py)",
+    )
+    parser.add_argument(
+        "--step-time",
+        type=Path,
+        default=None,
+        help=f"read per-model achieved TFLOP/s from "
+        f"benchmarks/step_time.py's results (e.g. {STEP_TIME.relative_to(ROOT)})",
+    )
+    parser.add_argument(
+        "--link-gbs",
+        type=float,
+        default=350.0,
+        help="per-GPU link bandwidth of the measured "
+        "GPU's system, GB/s (default: H100 SXM NVLink assumption)",
+    )
+    parser.add_argument("--cogview4-text-tokens", type=int, default=128)
+    parser.add_argument("--cogview4-negative-tokens", type=int, default=16)
+    parser.add_argument(
+        "--no-count", action="store_true", help="analytic FLOPs only (skip the meta-device count)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULT)
+    args = parser.parse_args()
+    result = predict(args)
     text = markdown(result)
     result["markdown"] = text
     args.output.parent.mkdir(parents=True, exist_ok=True)
