@@ -21,9 +21,9 @@ from cogdist.executor.gang import GangSpec, GangState, ReplicaGang, RestartPolic
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.manifest.rows import RowDefaults
 from cogdist.metrics import RenderMetrics
+from cogdist.models.layout import check_layout
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
-from cogdist.parallel.check import check_layout
 from cogdist.progress import Progress
 from cogdist.scheduler import Failed, Finished, Scheduler
 from cogdist.scheduler.pending import PendingSet, pending_rows, scan_pending

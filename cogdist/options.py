@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from cogdist.errors import UsageError
+from cogdist.models.layout import check_layout
 from cogdist.models.registry import ModelSpec
-from cogdist.parallel.check import check_layout
 from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
 from cogdist.storage import RETRY_SECONDS

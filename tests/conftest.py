@@ -153,7 +153,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny CogView4 pipeline saved with save_pretrained, to load through from_pretrained."""
-    from cogdist.models.cogview4 import build_tiny
+    from cogdist.models.cogview4.runner import build_tiny
 
     folder = tmp_path_factory.mktemp("models") / "tiny-cogview4"
     build_tiny(0).save_pretrained(folder, safe_serialization=True)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cogdist.models import cogvideox
+from cogdist.inputs import Inputs
+from cogdist.models.cogvideox import runner as cogvideox
 from cogdist.models.registry import PRESETS, resolve_model
 from cogdist.work import WorkItem
-from cogdist.worker.inputs import Inputs
 from cogdist.worker.worker import WorkerSettings, place
 
 CPU = torch.device("cpu")
@@ -120,7 +120,7 @@ def test_seed_and_prompt_change_the_video():
 
 def test_tiny_weights_are_identical_in_every_process():
     code = (
-        "from cogdist.models import cogvideox; from tests.test_cogvideox import digest;"
+        "from cogdist.models.cogvideox import runner as cogvideox; from tests.test_cogvideox import digest;"
         "print(digest(cogvideox.build_tiny('i2v', 0)))"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cogdist.errors import ModelError
-from cogdist.models import cogview4
+from cogdist.models.cogview4 import runner as cogview4
 from cogdist.models.registry import PRESETS, resolve_model
 from cogdist.work import WorkItem
 
@@ -56,7 +56,7 @@ def stock(pipe, it: WorkItem) -> np.ndarray:
 
 def test_tiny_weights_are_identical_in_every_process(pipe):
     code = (
-        "import torch; from cogdist.models import cogview4; from cogdist.models.registry import PRESETS;"
+        "import torch; from cogdist.models.cogview4 import runner as cogview4; from cogdist.models.registry import PRESETS;"
         "from tests.test_cogview4 import weights_digest;"
         "print(weights_digest(cogview4.load_pipeline(PRESETS['tiny-cogview4'], torch.float32)))"
     )

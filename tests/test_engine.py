@@ -239,7 +239,7 @@ def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(r
         assert np.abs(images[name] - images["alone"]).max() <= 1, name
 
     # Reproducible outside cogdist: the stock diffusers pipeline with a CPU generator.
-    from cogdist.models.cogview4 import build_tiny
+    from cogdist.models.cogview4.runner import build_tiny
 
     pipe = build_tiny(0)
     before = torch.get_num_threads()

@@ -13,10 +13,10 @@ import torch
 from diffusers import GlmImagePipeline
 from PIL import Image
 
-from cogdist.models import glm_image as glm
+from cogdist.inputs import InputError, Inputs
+from cogdist.models.glm_image import runner as glm
 from cogdist.models.registry import PRESETS, resolve_model
 from cogdist.work import WorkItem
-from cogdist.worker.inputs import InputError, Inputs
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def pipe() -> GlmImagePipeline:
 
 
 def test_tiny_weights_are_identical_in_every_process_and_the_ids_agree(pipe):
-    code = "from cogdist.models import glm_image; from tests.test_glm_image import digest; print(digest(glm_image.build_tiny(0)))"
+    code = "from cogdist.models.glm_image import runner as glm_image; from tests.test_glm_image import digest; print(digest(glm_image.build_tiny(0)))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert other.strip() == digest(pipe) != digest(glm.build_tiny(1))
     ar = pipe.vision_language_encoder.config

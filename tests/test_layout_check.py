@@ -7,9 +7,9 @@ import pytest
 from cogdist.engine import replica_layout
 from cogdist.errors import UsageError
 from cogdist.executor.cluster import Cluster
+from cogdist.models.layout import check_layout
 from cogdist.models.registry import PRESETS
 from cogdist.options import RenderOptions
-from cogdist.parallel.check import check_layout
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cogdist.models import family_module
-from cogdist.models.registry import PRESETS
+from cogdist.inputs import Inputs
+from cogdist.models.registry import PRESETS, family
 from cogdist.parallel.broadcast import drop_first_rank_models
 from cogdist.parallel.group import Layout
 from cogdist.parallel.pipeline import parallelize
 from cogdist.work import WorkItem
-from cogdist.worker.inputs import Inputs
 from cogdist.worker.worker import WorkerSettings, place
 from tests.distributed import run_gang
 
@@ -37,22 +36,23 @@ def _pipe(name: str, gang=None):
     """The pipeline as a worker sets it up (one process, or this rank of `gang`)."""
     preset, _, _, _, size = CASES[name]
     spec = PRESETS[preset]
-    family = family_module(spec.family)
+    declared = family(spec.family)
+    runner = declared.load_runner()
     tiling = spec.vae_tiling or size > 64  # "tiled": a 128 px CogView4 image is 4 VAE tiles
     settings = WorkerSettings(vae_tiling=tiling, vae_slicing=spec.vae_slicing)
-    pipe = family.load_pipeline(spec, torch.float32)
-    drop_first_rank_models(pipe, gang, family.FIRST_RANK_MODELS)
+    pipe = runner.load(spec, torch.float32)
+    drop_first_rank_models(pipe, gang, declared.first_rank_models)
     pipe = place(pipe, CPU, settings)
     if gang is not None:
-        parallelize(pipe, gang, family.CFG_PARALLEL)
-    return family, pipe
+        parallelize(pipe, gang, declared.cfg_parallel)
+    return runner, pipe
 
 
 def _render(name: str, gang=None) -> tuple[np.ndarray, list[int], int]:
     """The render, the rows x tokens this rank's transformer projected out in each pass, and
     how often this rank ran its text encoder (GLM-Image: its AR model)."""
     preset, task, frames, inputs, size = CASES[name]
-    family, pipe = _pipe(name, gang)
+    runner, pipe = _pipe(name, gang)
     passes: list[int] = []
     pipe.transformer.proj_out.register_forward_hook(
         lambda module, args, out: passes.append(args[0].shape[0] * args[0].shape[1])
@@ -64,8 +64,8 @@ def _render(name: str, gang=None) -> tuple[np.ndarray, list[int], int]:
     if encoder is not None:  # dropped on ranks but the first
         encoder.register_forward_hook(lambda module, args, out: encodes.append(1))
     item = WorkItem("x", "a red fox in the snow", None, 7, size, size, 3, 5.0, frames, "o", task=task)
-    prepared = family.prepare_inputs(item, inputs) if hasattr(family, "prepare_inputs") else inputs
-    return family.render(pipe, [item], CPU, [prepared], gang=gang)[0], passes, len(encodes)
+    prepared = runner.prepare_inputs(item, inputs)
+    return runner.render(pipe, [item], CPU, [prepared], gang=gang)[0], passes, len(encodes)
 
 
 def renders(gang, names: list[str]) -> dict[str, tuple]:

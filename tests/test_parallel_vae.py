@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderTiny
 
-from cogdist.models import cogvideox, cogview4
+from cogdist.models.cogvideox import runner as cogvideox
+from cogdist.models.cogview4 import runner as cogview4
 from cogdist.parallel.group import GangGroup, Layout
 from cogdist.parallel.vae import apply_distributed_vae_decode
 from tests.distributed import run_gang

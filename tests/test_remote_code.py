@@ -19,7 +19,7 @@ import torch
 
 from cogdist import validate
 from cogdist.errors import ModelError
-from cogdist.models import cogview4
+from cogdist.models.cogview4 import runner as cogview4
 from cogdist.models.registry import PRESETS, resolve_model
 from cogdist.work import WorkItem
 from tests.conftest import cli, write_manifest

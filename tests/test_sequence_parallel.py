@@ -7,8 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from cogdist.models import family_module
-from cogdist.models.registry import PRESETS
+from cogdist.models.registry import PRESETS, family
 from cogdist.parallel.group import Layout
 from cogdist.parallel.sequence import apply_sequence_parallel
 from cogdist.work import WorkItem
@@ -36,8 +35,8 @@ def first_transformer_call(
     """(transformer, args, kwargs) of the first denoising call of a one-row render (also used by
     benchmarks/sp_collectives.py)."""
     spec = PRESETS[preset]
-    family = family_module(spec.family)
-    pipe = family.load_pipeline(spec, torch.float32)
+    runner = family(spec.family).load_runner()
+    pipe = runner.load(spec, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     task, default_frames = CASES[preset]
     item = WorkItem("x", prompt, None, 7, size, size, 2, 6.0, frames or default_frames, "o", task=task)
@@ -50,7 +49,7 @@ def first_transformer_call(
     handle = pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
     inputs = [_inputs(task)]
     with contextlib.suppress(_Captured):
-        family.render(pipe, [item], torch.device("cpu"), inputs)
+        runner.render(pipe, [item], torch.device("cpu"), inputs)
     handle.remove()
     return pipe.transformer, captured["args"], captured["kwargs"]
 
@@ -59,7 +58,7 @@ def _inputs(task: str):
     import numpy as np
     from PIL import Image
 
-    from cogdist.worker.inputs import Inputs
+    from cogdist.inputs import Inputs
 
     if task == "image-to-video":
         return Inputs(image=Image.fromarray(np.full((64, 64, 3), 100, np.uint8)))

@@ -14,8 +14,11 @@ import torch
 from cogdist.cli import build_parser
 from cogdist.engine import plan
 from cogdist.errors import ResumeConflictError, UsageError
-from cogdist.models import cogvideox, cogview4, glm_image
-from cogdist.models.registry import PRESETS
+from cogdist.inputs import Inputs
+from cogdist.models.cogvideox import runner as cogvideox
+from cogdist.models.cogview4 import runner as cogview4
+from cogdist.models.glm_image import runner as glm_image
+from cogdist.models.registry import FAMILIES, PRESETS
 from cogdist.options import RenderOptions
 from cogdist.parallel.group import Layout
 from cogdist.parallel.pipeline import parallelize
@@ -24,7 +27,6 @@ from cogdist.sink.job import JOB_RECORD, check_resume, write_job_record
 from cogdist.storage import open_location
 from cogdist.work import WorkItem, WorkUnit
 from cogdist.worker.cache import apply_step_cache, remove_step_cache, reset_step_cache
-from cogdist.worker.inputs import Inputs
 from cogdist.worker.worker import RenderWorker, WorkerSettings, place
 from tests.conftest import write_manifest
 from tests.distributed import run_gang
@@ -209,7 +211,7 @@ def cached_renders(gang, steps: int) -> dict[str, np.ndarray]:
         pipe = place(pipe, CPU, WorkerSettings(vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing))
         apply_step_cache(pipe, kind)
         if gang is not None:
-            parallelize(pipe, gang, family_code.CFG_PARALLEL)
+            parallelize(pipe, gang, FAMILIES[name].cfg_parallel)
         row = cogview4_row() if name == "cogview4" else cogvideox_row()
         row = replace(row, num_inference_steps=steps)
         outputs[name] = family_code.render(pipe, [row], CPU, [Inputs()], gang=gang)[0]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogdist.models import cogvideox
+from cogdist.models.cogvideox import runner as cogvideox
 from cogdist.storage import open_location
 from cogdist.worker.checkpoint import CHECKPOINTS, StepCheckpoints, checkpoint_path
 from tests.conftest import cli, committed_rows, kill_driver_when, probe_mp4, read_table, write_manifest

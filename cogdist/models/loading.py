@@ -10,7 +10,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from cogdist.errors import ModelError
-from cogdist.models.registry import ModelSpec
+from cogdist.models.spec import ModelSpec
 from cogdist.models.trust import ALLOW_PICKLE_FLAG, TRUST_CODE_FLAG, check_folder_index, check_index
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")

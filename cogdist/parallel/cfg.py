@@ -2,9 +2,9 @@
 unconditional pass on the other, their outputs exchanged, so each step costs one pass.
 
 Two shapes of pipeline loop exist among these models:
-- batched (CogVideoX): one transformer call per step on the batch [uncond; cond]. Each half takes
+- batched (e.g. CogVideoX): one transformer call per step on the batch [uncond; cond]. Each half takes
   its part of every batch-sized input and the outputs are gathered along the batch.
-- paired (CogView4, GLM-Image): two calls per step, conditional first. The family's render arms
+- paired (e.g. CogView4, GLM-Image): two calls per step, conditional first. The family's render arms
   `pairing` with how the unconditional call differs; at the conditional call, the second half
   runs the unconditional one instead, both outputs are exchanged, and the second call of the
   step returns the stored result without computing.
@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from cogdist.models.spec import BATCHED, PAIRED
 from cogdist.parallel.group import GangGroup
 
-BATCHED = "batched"
-PAIRED = "paired"
+__all__ = ["BATCHED", "PAIRED", "CfgParallel", "apply_cfg_parallel", "pairing"]
 
 
 def _never(kwargs: dict) -> bool:

@@ -1,15 +1,15 @@
 """Sequence parallelism: one sample's tokens split over the ranks of a CFG half.
 
 This is diffusers' own context parallelism (`enable_parallelism` with a `ContextParallelConfig`),
-given what diffusers 0.42 lacks for these three models:
-- a `cp_plan` per transformer: split the text and image/video tokens as they enter the first
-  block, split the rotary tables the same way, gather the tokens after `proj_out` (before
-  unpatchifying). Joint text+image attention stays exact: Ulysses' all-to-all hands every rank the
+given what diffusers 0.42 lacks for these models:
+- a `cp_plan` per transformer, which each family declares as plain data (`SequencePlan` in its
+  FamilySpec): split the text and image/video tokens as they enter the first block, split the
+  rotary tables the same way, gather the tokens after `proj_out` (before unpatchifying). Joint text+image attention stays exact: Ulysses' all-to-all hands every rank the
   whole sequence (in rank order) for its heads, and unmasked attention does not depend on key order.
-- attention routed through `dispatch_attention_fn`: the stock CogView4 and CogVideoX processors
-  call `F.scaled_dot_product_attention` themselves, so a plan alone would attend within each
-  rank's shard only and be silently wrong. `dispatched` redirects that one call of such a
-  processor; GLM-Image's processor already dispatches.
+- attention routed through `dispatch_attention_fn`: some stock processors (the Python modules a
+  plan's `dispatch` lists) call `F.scaled_dot_product_attention` themselves, so a plan alone would
+  attend within each rank's shard only and be silently wrong. `dispatched` redirects that one call
+  of such a processor; processors that already dispatch need nothing.
 - a mesh resolved without `torch.accelerator.device_count()` (zero on a CPU, where diffusers
   would divide by it).
 Where the head count or the token count does not divide by the degree, the uneven mode
@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import types
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook, context_parallel
-from diffusers.models import attention_processor
 from diffusers.models._modeling_parallel import (
     ContextParallelConfig,
     ContextParallelInput,
@@ -37,40 +38,11 @@ from diffusers.models._modeling_parallel import (
     gather_size_by_comm,
 )
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers import transformer_cogview4
 
+from cogdist.models.registry import sequence_plan
+from cogdist.models.spec import Gather, SequencePlan, Split
 from cogdist.parallel.group import GangGroup
 
-TOKENS = ContextParallelInput(split_dim=1, expected_dims=3)
-ROPE = ContextParallelInput(split_dim=0, expected_dims=2)
-ROPE_OUTPUT = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
-GATHER = ContextParallelOutput(gather_dim=1, expected_dims=3)
-
-# The first block's token inputs, the rotary tables, and the gather after the output projection.
-# CogView4 and GLM-Image compute their rotary tables in a `rope` module; CogVideoX 1.5 receives
-# them from the pipeline as the `image_rotary_emb` argument (1.0 2B has none: learned positions).
-CP_PLANS: dict[str, dict] = {
-    "CogView4Transformer2DModel": {
-        "rope": {0: ROPE_OUTPUT, 1: ROPE_OUTPUT},
-        "transformer_blocks.0": {"hidden_states": TOKENS, "encoder_hidden_states": TOKENS},
-        "proj_out": GATHER,
-    },
-    "GlmImageTransformer2DModel": {
-        "rope": {0: ROPE_OUTPUT, 1: ROPE_OUTPUT},
-        # Its glyph tokens are often fewer than the ranks (one, for a prompt without quoted
-        # text), which diffusers cannot split: `TextOnFirstRank` places them instead.
-        "transformer_blocks.0": {"hidden_states": TOKENS},
-        "proj_out": GATHER,
-    },
-    "CogVideoXTransformer3DModel": {
-        "": {"image_rotary_emb": [ROPE, ROPE]},
-        "transformer_blocks.0": {"hidden_states": TOKENS, "encoder_hidden_states": TOKENS},
-        "proj_out": GATHER,
-    },
-}
-
-# Modules whose processors call `F.scaled_dot_product_attention` directly.
-_SDPA_CALLERS = (transformer_cogview4, attention_processor)
 _active: contextvars.ContextVar = contextvars.ContextVar("cogdist_attention", default=None)
 """The dispatched processor running now, if any."""
 
@@ -148,9 +120,11 @@ _ROUTED = _Functional("torch.nn.functional")
 _ROUTED.scaled_dot_product_attention = _scaled_dot_product_attention
 
 
-def _route_sdpa() -> None:
-    for module in _SDPA_CALLERS:
-        module.F = _ROUTED
+def route_sdpa_through_dispatcher(modules: Iterable[str]) -> None:
+    """Make the attention processors of these Python modules (dotted names) call the dispatcher
+    while a `dispatched` processor runs; `F.scaled_dot_product_attention` otherwise. Idempotent."""
+    for name in modules:
+        importlib.import_module(name).F = _ROUTED
 
 
 class TextOnFirstRank(ModelHook):
@@ -187,11 +161,27 @@ def _padded_all_gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat([shard.narrow(dim, 0, size) for shard, size in zip(shards, sizes)], dim=dim)
 
 
+def _diffusers_plan_entry(entry):
+    """A spec's plain-data plan entry as diffusers' ContextParallelInput/Output objects."""
+    if isinstance(entry, Split):
+        return ContextParallelInput(
+            split_dim=entry.split_dim, expected_dims=entry.expected_dims, split_output=entry.split_output
+        )
+    if isinstance(entry, Gather):
+        return ContextParallelOutput(gather_dim=entry.gather_dim, expected_dims=entry.expected_dims)
+    if isinstance(entry, (list, tuple)):
+        return [_diffusers_plan_entry(e) for e in entry]
+    return {key: _diffusers_plan_entry(value) for key, value in entry.items()}
+
+
 def cp_plan(transformer: torch.nn.Module) -> dict:
-    name = type(transformer).__name__
-    if name not in CP_PLANS:
-        raise ValueError(f"no sequence-parallel plan for {name}; cogdist has plans for {sorted(CP_PLANS)}")
-    return CP_PLANS[name]
+    """diffusers' `cp_plan` for `transformer`, from the plan its family declares."""
+    return diffusers_cp_plan(sequence_plan(type(transformer).__name__))
+
+
+def diffusers_cp_plan(plan: SequencePlan) -> dict:
+    """`plan.modules` as diffusers' ContextParallelModelPlan."""
+    return {path: _diffusers_plan_entry(entry) for path, entry in plan.modules.items()}
 
 
 def context_parallel_config(gang: GangGroup, uneven: bool) -> ContextParallelConfig:
@@ -210,12 +200,12 @@ def apply_sequence_parallel(transformer: torch.nn.Module, gang: GangGroup, uneve
     # diffusers 0.42 gathers with funcol.all_gather_tensor, deprecated in torch 2.13: one warning
     # per call and rank in the driver's log, about code cogdist does not own.
     warnings.filterwarnings("ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning)
-    plan = cp_plan(transformer)
+    plan = sequence_plan(type(transformer).__name__)
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
         if processor is not None and not hasattr(processor, "_parallel_config"):
             module.processor = dispatched(processor)
-    _route_sdpa()
+    route_sdpa_through_dispatcher(plan.dispatch)
     if uneven and gang.device.type == "cpu":
         context_parallel._all_gather_anything = _padded_all_gather
     config = ParallelConfig(context_parallel_config=context_parallel_config(gang, uneven))
@@ -227,10 +217,11 @@ def apply_sequence_parallel(transformer: torch.nn.Module, gang: GangGroup, uneve
         return config
 
     transformer._resolve_parallel_config = resolve
-    transformer.enable_parallelism(config=config, cp_plan=plan)
-    if "encoder_hidden_states" not in plan["transformer_blocks.0"]:
+    transformer.enable_parallelism(config=config, cp_plan=diffusers_cp_plan(plan))
+    if plan.text_on_first_rank:
         if not uneven:
             raise ValueError(f"{type(transformer).__name__} needs the uneven mode for sequence parallelism")
         sp_rank = gang.rank % gang.layout.sp
-        registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
+        block = transformer.get_submodule(plan.text_on_first_rank)
+        registry = HookRegistry.check_if_exists_or_initialize(block)
         registry.register_hook(TextOnFirstRank(sp_rank), "cogdist_text_on_first_rank")

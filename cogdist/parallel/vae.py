@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 from diffusers.models.autoencoders.vae import DecoderOutput
+
+from cogdist.models.registry import tiled_decode_kind
 
 TileDecoder = Callable[[int, int], torch.Tensor]
 """Decodes the tile whose latent top-left corner is at (row, column)."""
@@ -29,16 +30,12 @@ def apply_distributed_vae_decode(vae: torch.nn.Module, group: dist.ProcessGroup)
     the same shape at the same time, and every rank gets the whole decoded sample back, since every
     rank's pipeline goes on after decoding. `del vae.tiled_decode` restores the stock method.
     """
-    # Exact classes: a subclass may decode its tiles differently from the code mirrored here.
-    if type(vae) is AutoencoderKL:
-        tiled_decode = _autoencoder_kl_tiled_decode
-    elif type(vae) is AutoencoderKLCogVideoX:
-        tiled_decode = _cogvideox_tiled_decode
-    else:
-        raise TypeError(
-            f"distributed VAE decode supports AutoencoderKL and AutoencoderKLCogVideoX, "
-            f"not {type(vae).__name__}"
-        )
+    # Which mirror of diffusers' loop applies is the VAE's family's declaration (`vae_tiles`),
+    # by exact class name: a subclass may decode its tiles differently from the code mirrored here.
+    kind = tiled_decode_kind(type(vae).__name__)
+    if kind not in TILED_DECODES:
+        raise TypeError(f"distributed VAE decode has no tiled decode for {type(vae).__name__}")
+    tiled_decode = TILED_DECODES[kind]
 
     def distributed_tiled_decode(z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         return tiled_decode(vae, group, z, return_dict)
@@ -46,13 +43,13 @@ def apply_distributed_vae_decode(vae: torch.nn.Module, group: dist.ProcessGroup)
     vae.tiled_decode = distributed_tiled_decode
 
 
-# The two functions below mirror the loop structure of diffusers' `tiled_decode` of each class
+# The two functions below mirror the loop structure of diffusers' `tiled_decode` of a VAE class
 # (tile origins, tile slicing, submodule calls, blend order and crops) so that the result is
 # identical; only the decoding of the tiles is shared out across the ranks.
 
 
-def _autoencoder_kl_tiled_decode(
-    vae: AutoencoderKL, group: dist.ProcessGroup, z: torch.Tensor, return_dict: bool
+def _tiled_decode_2d(
+    vae: torch.nn.Module, group: dist.ProcessGroup, z: torch.Tensor, return_dict: bool
 ) -> DecoderOutput | tuple:
     overlap_size = int(vae.tile_latent_min_size * (1 - vae.tile_overlap_factor))
     blend_extent = int(vae.tile_sample_min_size * vae.tile_overlap_factor)
@@ -91,8 +88,8 @@ def _autoencoder_kl_tiled_decode(
     return DecoderOutput(sample=dec)
 
 
-def _cogvideox_tiled_decode(
-    vae: AutoencoderKLCogVideoX, group: dist.ProcessGroup, z: torch.Tensor, return_dict: bool
+def _tiled_decode_3d_causal(
+    vae: torch.nn.Module, group: dist.ProcessGroup, z: torch.Tensor, return_dict: bool
 ) -> DecoderOutput | tuple:
     num_frames, height, width = z.shape[2:]
     overlap_height = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
@@ -130,7 +127,7 @@ def _cogvideox_tiled_decode(
         group, range(0, height, overlap_height), range(0, width, overlap_width), decode_tile, z.device
     )
 
-    # In-place blending, as for AutoencoderKL above.
+    # In-place blending, as in the 2D decode above.
     result_rows = []
     for i, row in enumerate(rows):
         result_row = []
@@ -146,6 +143,18 @@ def _cogvideox_tiled_decode(
     if not return_dict:
         return (dec,)
     return DecoderOutput(sample=dec)
+
+
+TILED_DECODES: dict[
+    str, Callable[[torch.nn.Module, dist.ProcessGroup, torch.Tensor, bool], DecoderOutput | tuple]
+] = {
+    "2d": _tiled_decode_2d,
+    "3d-causal": _tiled_decode_3d_causal,
+}
+"""The tiled decodes a family's `vae_tiles` can name:
+- "2d": diffusers' `AutoencoderKL.tiled_decode` (one image's latents in overlapping 2D tiles);
+- "3d-causal": `AutoencoderKLCogVideoX.tiled_decode` (spatial tiles over all their frame batches,
+  whose causal convolutions carry a cache from one batch to the next)."""
 
 
 def _decode_tiles(

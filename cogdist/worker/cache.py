@@ -13,14 +13,9 @@ only; the stock pipeline still runs the loop:
   timestep lies in PAB_TIMESTEPS.
 Each changes pixels, so it is a job setting (a resume with another one is refused).
 
-Where they work, checked on diffusers 0.42.1 (see tests/test_step_cache.py):
-- CogView4: first-block, taylorseer. Not pab: its pipeline calls the transformer twice per step
-  (conditional, then unconditional), and PAB's state is one per attention layer, not per call, so
-  the unconditional pass would reuse the conditional pass's attention (it fails on the shapes).
-- CogVideoX (every task): all three (one call per step on the batch [uncond; cond]).
-- GLM-Image: none. Its pipeline sets no `cache_context`, which first-block and taylorseer need
-  ("No cache context is set"); diffusers has no block metadata for its blocks (first-block); and
-  it pairs its calls like CogView4 (pab).
+Which kinds work with which family, and why not the others, each family declares in its
+FamilySpec (`step_caches`, `no_step_cache`), checked on diffusers 0.42.1 (tests/test_step_cache.py).
+
 first-block decides from the mean over everything one transformer call holds, so a row's output
 would depend on its batch-mates (--batch-size > 1), and ranks holding different shards (--sp) or
 CFG halves (--cfg-parallel) could decide differently (a 2-rank CogView4 gang hung): it is refused
@@ -38,12 +33,21 @@ import math
 from typing import Any
 
 from cogdist.errors import UsageError
+from cogdist.models.registry import FAMILIES
+from cogdist.models.spec import CACHE_KINDS, FIRST_BLOCK, NO_CACHE, PAB, TAYLORSEER
 
-NO_CACHE = "none"
-FIRST_BLOCK = "first-block"
-TAYLORSEER = "taylorseer"
-PAB = "pab"
-CACHE_KINDS = (NO_CACHE, FIRST_BLOCK, TAYLORSEER, PAB)
+__all__ = [
+    "CACHE_KINDS",
+    "FIRST_BLOCK",
+    "FIRST_BLOCK_THRESHOLD",
+    "NO_CACHE",
+    "PAB",
+    "TAYLORSEER",
+    "apply_step_cache",
+    "check_step_cache",
+    "remove_step_cache",
+    "reset_step_cache",
+]
 
 FIRST_BLOCK_THRESHOLD = 0.1
 """Default relative change of the first block's residual below which the other blocks are skipped
@@ -55,21 +59,6 @@ PAB_SKIP_RANGE = 2
 PAB_TIMESTEPS = (100, 800)
 """diffusers' CogVideoX example: every other self-attention reused for timesteps in (100, 800)."""
 
-SUPPORTED: dict[str, tuple[str, ...]] = {
-    "cogview4": (FIRST_BLOCK, TAYLORSEER),
-    "cogvideox": (FIRST_BLOCK, TAYLORSEER, PAB),
-    "glm_image": (),
-}
-_WHY_NOT = {
-    ("cogview4", PAB): "its pipeline makes the conditional and unconditional passes in two calls per "
-    "step, and PAB would hand the second the first one's attention",
-    ("glm_image", FIRST_BLOCK): "its pipeline sets no cache context and diffusers has no block "
-    "metadata for its transformer",
-    ("glm_image", TAYLORSEER): "its pipeline sets no cache context, which the hook needs",
-    ("glm_image", PAB): "its pipeline makes the conditional and unconditional passes in two calls per "
-    "step, and PAB would hand the second the first one's attention",
-}
-
 
 def check_step_cache(
     family: str,
@@ -80,7 +69,7 @@ def check_step_cache(
     gang_size: int = 1,
     batch_size: int = 1,
 ) -> None:
-    """Raise UsageError when `kind` cannot be used with this model and layout."""
+    """Raise UsageError when `kind` cannot be used with this model (of the `family` key) and layout."""
     if kind not in CACHE_KINDS:
         raise UsageError(f"--cache {kind!r}: choose one of {', '.join(CACHE_KINDS)}")
     if threshold is not None:
@@ -90,9 +79,13 @@ def check_step_cache(
             raise UsageError(f"--cache-threshold must be a finite number > 0, got {threshold}")
     if kind == NO_CACHE:
         return
-    if kind not in SUPPORTED.get(family, ()):
-        usable = [k for k in SUPPORTED.get(family, ()) if k != kind]
-        reason = _WHY_NOT.get((family, kind), f"no step cache is known to work with the {family} family")
+    spec = FAMILIES.get(family)
+    supported = spec.step_caches if spec else ()
+    if kind not in supported:
+        usable = [k for k in supported if k != kind]
+        reason = (spec.no_step_cache if spec else {}).get(
+            kind, f"no step cache is known to work with the {family} family"
+        )
         hint = f"; use --cache {' or '.join(usable)}" if usable else "; it takes no --cache"
         raise UsageError(f"--cache {kind}: not with {model}: {reason}{hint}")
     if kind == FIRST_BLOCK and (gang_size > 1 or batch_size > 1):

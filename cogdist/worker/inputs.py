@@ -11,27 +11,16 @@ import io
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from cogdist.errors import CogdistError, StorageError
+from cogdist.errors import StorageError
+from cogdist.inputs import InputError, Inputs
 from cogdist.storage import RETRY_SECONDS, read_uri, redact
 from cogdist.work import WorkItem
 
-
-class InputError(CogdistError):
-    """A row's conditioning input is missing, unreadable or unusable."""
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """A row's decoded conditioning inputs."""
-
-    image: Image.Image | None = None
-    video: list[Image.Image] | None = None
-    """Exactly the row's num_frames frames, from the start of the video."""
+__all__ = ["InputError", "Inputs", "load_image", "load_inputs", "load_video"]
 
 
 def load_inputs(item: WorkItem, retry_seconds: float = RETRY_SECONDS) -> Inputs:

@@ -8,6 +8,7 @@ whose conditioning input cannot be read fails alone; the rest of its unit render
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -77,6 +78,10 @@ class WorkerInfo:
 
 
 class RenderWorker:
+    """One rank's renderer: `setup` loads its family's pipeline through the family's runner
+    (cogdist.models.spec.FamilyRunner) and applies the gang's parallelism; `render` renders a
+    unit and writes its outputs (rank 0 of a gang)."""
+
     def __init__(
         self, spec: ModelSpec, out_uri: str, settings: WorkerSettings, rank: int = 0, world_size: int = 1
     ):
@@ -104,7 +109,7 @@ class RenderWorker:
         import torch
         import transformers
 
-        from cogdist.models import family_module
+        from cogdist.models.registry import family
         from cogdist.parallel.broadcast import drop_first_rank_models
         from cogdist.parallel.group import Layout, init_gang
         from cogdist.parallel.pipeline import parallelize
@@ -132,19 +137,18 @@ class RenderWorker:
         name = self.settings.dtype
         if name == "auto":
             name = self.spec.dtype_gpu if self.device.type == "cuda" else self.spec.dtype_cpu
-        self.family = family_module(self.spec.family)
-        # A family's own checks and fitting of decoded inputs (GLM-Image), or none.
-        self.prepare_inputs = getattr(self.family, "prepare_inputs", None)
-        pipe = self.family.load_pipeline(self.spec, getattr(torch, name))
-        drop_first_rank_models(pipe, self.gang, self.family.FIRST_RANK_MODELS)
+        self.family = family(self.spec.family)
+        self.runner = self.family.load_runner()
+        pipe = self.runner.load(self.spec, getattr(torch, name))
+        drop_first_rank_models(pipe, self.gang, self.family.first_rank_models)
         self.pipe = place(pipe, self.device, self.settings)
         # Before the parallelism, so that the cache's hooks see their own rank's tokens.
         apply_step_cache(self.pipe, self.settings.cache, self.settings.cache_threshold)
         if self.gang is not None:
-            parallelize(self.pipe, self.gang, self.family.CFG_PARALLEL)
+            parallelize(self.pipe, self.gang, self.family.cfg_parallel)
         self.out = open_location(self.out_uri, self.settings.storage_timeout)
         self.checkpoints = None
-        if getattr(self.family, "STEP_CHECKPOINTS", False) and self.settings.step_checkpoint != 0:
+        if self.family.step_checkpoints and self.settings.step_checkpoint != 0:
             self.checkpoints = StepCheckpoints(
                 self.out,
                 every_steps=self.settings.step_checkpoint,
@@ -180,7 +184,8 @@ class RenderWorker:
         for item in unit.items:
             try:
                 inputs = self._load(item)
-                loaded[item.id] = self.prepare_inputs(item, inputs) if self.prepare_inputs else inputs
+                # The family's own checks and fitting of decoded inputs.
+                loaded[item.id] = self.runner.prepare_inputs(item, inputs)
             except InputError as e:
                 results[item.id] = ItemResult(item.id, ok=False, error=str(e))
         if self.gang is not None:
@@ -228,12 +233,10 @@ class RenderWorker:
         """
         import torch
 
-        render_kwargs = {"gang": self.gang}
+        render = functools.partial(self.runner.render, gang=self.gang, checkpoints=self.checkpoints)
         reset_step_cache(self.pipe)  # a call that failed midway leaves the cache's state behind
-        if self.checkpoints is not None:
-            render_kwargs["checkpoints"] = self.checkpoints
         try:
-            return self.family.render(self.pipe, items, self.device, inputs, **render_kwargs)
+            return render(self.pipe, items, self.device, inputs)
         except torch.OutOfMemoryError as e:
             if self.gang is not None:
                 raise
@@ -247,7 +250,7 @@ class RenderWorker:
         reset_step_cache(self.pipe)
         with saving_memory(self.pipe, self.device, self.settings):
             return [
-                self.family.render(self.pipe, [item], self.device, [row_inputs], **render_kwargs)[0]
+                render(self.pipe, [item], self.device, [row_inputs])[0]
                 for item, row_inputs in zip(items, inputs)
             ]
 

@@ -1,4 +1,4 @@
-"""CogVideoX: text-to-video, video-to-video, image-to-video and CogVideoX-Fun control.
+"""CogVideoX, its torch side: text-to-video, video-to-video, image-to-video and Fun control.
 
 One checkpoint serves one or two tasks: a text-to-video checkpoint also renders video-to-video
 (the same components in `CogVideoXVideoToVideoPipeline`), an I2V checkpoint renders
@@ -18,41 +18,37 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
     CogVideoXDDIMScheduler,
     CogVideoXDPMScheduler,
-    CogVideoXFunControlPipeline,
-    CogVideoXImageToVideoPipeline,
-    CogVideoXPipeline,
     CogVideoXTransformer3DModel,
-    CogVideoXVideoToVideoPipeline,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from transformers import T5Config, T5EncoderModel
 
+from cogdist.inputs import Inputs
+from cogdist.models.cogvideox import SPEC
 from cogdist.models.loading import from_pretrained
-from cogdist.models.registry import (
+from cogdist.models.spec import (
     CONTROL_TO_VIDEO,
     IMAGE_TO_VIDEO,
     TEXT_TO_VIDEO,
     VIDEO_TO_VIDEO,
     ModelSpec,
+    StepCheckpointer,
 )
 from cogdist.models.tiny import tiny_tokenizer
 from cogdist.parallel.broadcast import on_first_rank
-from cogdist.parallel.cfg import BATCHED
 from cogdist.parallel.group import GangGroup
 from cogdist.work import WorkItem
-from cogdist.worker.checkpoint import StepCheckpoints
 
+# The stock pipeline of each task, as the spec names them.
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    TEXT_TO_VIDEO: CogVideoXPipeline,
-    VIDEO_TO_VIDEO: CogVideoXVideoToVideoPipeline,
-    IMAGE_TO_VIDEO: CogVideoXImageToVideoPipeline,
-    CONTROL_TO_VIDEO: CogVideoXFunControlPipeline,
+    task: getattr(diffusers, name) for task, name in SPEC.pipelines.items()
 }
 
 # Tiny architectures: variant -> (first task, transformer overrides, scheduler class).
@@ -146,16 +142,6 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
     return from_pretrained(PIPELINES[spec.tasks[0]], spec, dtype)
 
 
-CFG_PARALLEL = BATCHED
-"""The pipeline calls the transformer once per step on the batch [uncond; cond]."""
-
-FIRST_RANK_MODELS = ("text_encoder",)
-"""Models that run only in rank 0's stages of a gang (see `render`)."""
-
-STEP_CHECKPOINTS = True
-"""Long denoising loops: `render` saves and resumes their state (cogdist.worker.checkpoint)."""
-
-
 @torch.no_grad()
 def render(
     pipe: DiffusionPipeline,
@@ -163,7 +149,7 @@ def render(
     device: torch.device,
     inputs: Sequence,
     gang: GangGroup | None = None,
-    checkpoints: StepCheckpoints | None = None,
+    checkpoints: StepCheckpointer | None = None,
 ) -> list[np.ndarray]:
     """Videos (uint8, frames x height x width x 3) for `items`, which share one shape and task.
 
@@ -232,3 +218,28 @@ def _calls(pipe: DiffusionPipeline, items: Sequence[WorkItem]) -> list[list[int]
         # the batch size when several videos are passed: one video, as a list of frames, per call.
         return [[i] for i in range(len(items))]
     return [list(range(len(items)))]
+
+
+class CogVideoXRunner:
+    """The FamilyRunner of CogVideoX (see `cogdist.models.spec.FamilyRunner`)."""
+
+    def load(self, spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
+        return load_pipeline(spec, dtype)
+
+    def render(
+        self,
+        pipe: DiffusionPipeline,
+        items: Sequence[WorkItem],
+        device: torch.device,
+        inputs: Sequence[Inputs],
+        *,
+        gang: GangGroup | None = None,
+        checkpoints: StepCheckpointer | None = None,
+    ) -> list[np.ndarray]:
+        return render(pipe, items, device, inputs, gang=gang, checkpoints=checkpoints)
+
+    def prepare_inputs(self, item: WorkItem, inputs: Inputs) -> Inputs:
+        return inputs  # the stock pipelines resize what they get
+
+
+RUNNER = CogVideoXRunner()

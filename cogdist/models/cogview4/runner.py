@@ -1,4 +1,4 @@
-"""CogView4 text-to-image: the tiny random-weight pipeline, checkpoint loading, batched rendering.
+"""CogView4 text-to-image, its torch side: the tiny random-weight pipeline, loading, batched rendering.
 
 Rendering keeps the stock `CogView4Pipeline` in charge of the denoising loop and feeds it what
 makes each row independent of its batch:
@@ -24,11 +24,12 @@ from diffusers import (
 )
 from transformers import GlmConfig, GlmModel
 
+from cogdist.inputs import Inputs
 from cogdist.models.loading import from_pretrained
-from cogdist.models.registry import ModelSpec
+from cogdist.models.spec import ModelSpec, StepCheckpointer
 from cogdist.models.tiny import tiny_tokenizer
 from cogdist.parallel.broadcast import on_first_rank
-from cogdist.parallel.cfg import PAIRED, pairing
+from cogdist.parallel.cfg import pairing
 from cogdist.parallel.group import GangGroup
 from cogdist.work import WorkItem
 
@@ -101,13 +102,6 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> CogView4Pipeline:
     return from_pretrained(CogView4Pipeline, spec, dtype)
 
 
-CFG_PARALLEL = PAIRED
-"""The pipeline calls the transformer twice per step, conditional first."""
-
-FIRST_RANK_MODELS = ("text_encoder",)
-"""Models that run only in rank 0's stages of a gang (see `render`)."""
-
-
 @torch.no_grad()
 def render(
     pipe: CogView4Pipeline,
@@ -169,3 +163,29 @@ def render(
         for i, image in zip(indices, output):
             images[i] = (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
     return images  # type: ignore[return-value]
+
+
+class CogView4Runner:
+    """The FamilyRunner of CogView4 (see `cogdist.models.spec.FamilyRunner`)."""
+
+    def load(self, spec: ModelSpec, dtype: torch.dtype) -> CogView4Pipeline:
+        return load_pipeline(spec, dtype)
+
+    def render(
+        self,
+        pipe: CogView4Pipeline,
+        items: Sequence[WorkItem],
+        device: torch.device,
+        inputs: Sequence[Inputs],
+        *,
+        gang: GangGroup | None = None,
+        checkpoints: StepCheckpointer | None = None,
+    ) -> list[np.ndarray]:
+        """`render`; CogView4 takes no step checkpoints (a few dozen steps of one image)."""
+        return render(pipe, items, device, inputs, gang=gang)
+
+    def prepare_inputs(self, item: WorkItem, inputs: Inputs) -> Inputs:
+        return inputs  # text-to-image: nothing to fit
+
+
+RUNNER = CogView4Runner()

@@ -1,18 +1,19 @@
-"""Whether a model can take a gang layout: checked before any gang starts, with the reason."""
+"""Whether a model can take a gang layout: checked before any gang starts, with the reason.
+
+A rule of the model and the options (heads, image tokens), read from its family's spec."""
 
 from __future__ import annotations
 
 import math
 
 from cogdist.errors import UsageError
-from cogdist.models.registry import ModelSpec
-
-TOKEN_PIXELS = 16
-"""Pixels per image token side in all three families: an 8x VAE and 2x2 patches."""
+from cogdist.models.registry import family
+from cogdist.models.spec import TOKEN_PIXELS, ModelSpec
 
 
-def image_tokens(width: int, height: int) -> int:
-    return (width // TOKEN_PIXELS) * (height // TOKEN_PIXELS)
+def image_tokens(width: int, height: int, token_pixels: int = TOKEN_PIXELS) -> int:
+    """Image tokens of a width x height output, at `token_pixels` pixels per token side."""
+    return (width // token_pixels) * (height // token_pixels)
 
 
 def heads_split(heads: int, sp: int) -> bool:
@@ -48,7 +49,7 @@ def check_layout(spec: ModelSpec, sp: int, cfg_parallel: bool, gpus_per_node: fl
             )
     rule = spec.sizes
     width, height = min(rule.only) if rule.only else (rule.min_side, rule.min_side)
-    tokens = image_tokens(width, height)
+    tokens = image_tokens(width, height, family(spec.family).token_pixels)
     if tokens < sp:
         raise UsageError(
             f"--sp {sp}: a {width}x{height} {spec.kind} of {spec.name} has only {tokens} image tokens to split"
