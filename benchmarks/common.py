@@ -1,12 +1,21 @@
-"""Helpers shared by the benchmarks: the machine's description and result files."""
+"""Helpers shared by the benchmarks: the machine's description, result files, and a worker's
+pipeline built in this process.
+
+The benchmarks are a package: run them from the project root as `python -m benchmarks.NAME`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cogdist.worker.worker import RenderWorker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,3 +66,36 @@ def timings(summary) -> dict:
         "steady_seconds": round(steady, 2),
         "items_per_second": round(summary.done / steady, 3),
     }
+
+
+def set_up_worker(model: str, out: str | None = None, **settings: Any) -> RenderWorker:
+    """A RenderWorker for `model` (a preset, repo id or folder, as `--model` takes), set up in this
+    process exactly as the one worker of a one-GPU replica is set up: its pipeline is `worker.pipe`
+    on `worker.device`; `worker.render(WorkUnit(...))` renders rows and writes them under `out`
+    (default: a folder in the temp dir, which benchmarks that only use the pipeline never write).
+
+    `settings`: WorkerSettings fields; VAE tiling, slicing and CPU offload default to the model's,
+    as in `cogdist render`.
+    """
+    from cogdist.models.registry import resolve_model
+    from cogdist.worker.worker import RenderWorker, WorkerSettings
+
+    spec = resolve_model(model)
+    defaults = {
+        "vae_tiling": spec.vae_tiling,
+        "vae_slicing": spec.vae_slicing,
+        "cpu_offload": spec.cpu_offload,
+    }
+    out = out or os.path.join(tempfile.gettempdir(), "cogdist-benchmark-out")
+    worker = RenderWorker(spec, out, WorkerSettings(**{**defaults, **settings}))
+    worker.setup()
+    return worker
+
+
+def family_runner(family: str):
+    """The torch side of a model family: what `RenderWorker.setup` loads the pipeline with and
+    `worker.render` renders through (its `render(pipe, items, device, inputs)` returns the pixels
+    that the worker then encodes and writes)."""
+    from cogdist.models import family_module
+
+    return family_module(family)

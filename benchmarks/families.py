@@ -1,6 +1,6 @@
 """Every tiny family on the CPU: items/s and framework overhead against a plain diffusers loop.
 
-    python benchmarks/families.py [--rows 24] [--rounds 2] [--only tiny-cogvideox-i2v ...]
+    python -m benchmarks.families [--rows 24] [--rounds 2] [--only tiny-cogvideox-i2v ...]
 
 For each task of each tiny preset, the same rows are rendered (a) by the stock diffusers
 pipeline called row by row in one process with `generator=torch.Generator("cpu").manual_seed(seed)`,
@@ -14,10 +14,8 @@ benchmarks/results/families.json.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,14 +26,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cogdist  # noqa: E402
-from benchmarks.common import RESULTS, save  # noqa: E402
-from cogdist.models.registry import PRESETS  # noqa: E402
-from cogdist.sink.encode import encode_image, encode_video  # noqa: E402
-from cogdist.worker.inputs import load_image, load_video  # noqa: E402
-from cogdist.worker.worker import WorkerSettings, place  # noqa: E402
+import cogdist
+from benchmarks.common import RESULTS, family_runner, save, set_up_worker
+from cogdist.sink.encode import encode_image, encode_video
+from cogdist.worker.inputs import load_image, load_video
 
 # (preset, task, input column or None)
 CASES = [
@@ -70,10 +64,9 @@ def make_rows(count: int, column: str | None, inputs: dict[str, str]) -> list[di
 
 def plain_loop(preset: str, task: str, rows: list[dict], out: Path) -> float:
     """The stock pipeline of the task, row by row, writing the same files cogdist writes."""
-    spec = PRESETS[preset]
-    family = importlib.import_module(f"cogdist.models.{spec.family}")
-    settings = WorkerSettings(vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing)
-    pipe = place(family.load_pipeline(spec, torch.float32), torch.device("cpu"), settings)
+    worker = set_up_worker(preset)
+    spec, pipe = worker.spec, worker.pipe
+    family = family_runner(spec.family)
     pipe = family.PIPELINES[task](**pipe.components) if hasattr(family, "PIPELINES") else pipe
     out.mkdir(parents=True)
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Framework overhead: cogdist against a plain single-process diffusers loop, same rows, same PNGs.
 
-    python benchmarks/overhead.py [--rows 64] [--size 512] [--steps 6] [--rounds 3]
+    python -m benchmarks.overhead [--rows 64] [--size 512] [--steps 6] [--rounds 3]
 
 Renders the rows with the stock `CogView4Pipeline` in a loop (the tiny-cogview4 weights, CPU
 generator per row, PNG written with Pillow), then with `cogdist.render` at replicas=1 and
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cogdist  # noqa: E402
-from benchmarks.common import save, timings  # noqa: E402
-from cogdist.models.cogview4 import build_tiny  # noqa: E402
-from cogdist.sink.encode import encode_image  # noqa: E402
+import cogdist
+from benchmarks.common import save, set_up_worker, timings
+from cogdist.sink.encode import encode_image
 
 
 def make_manifest(path: Path, rows: int, size: int, steps: int) -> list[dict]:
@@ -52,8 +48,7 @@ def make_manifest(path: Path, rows: int, size: int, steps: int) -> list[dict]:
 
 
 def plain_loop(rows: list[dict], out: Path) -> tuple[float, dict[str, np.ndarray]]:
-    pipe = build_tiny(0)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = set_up_worker("tiny-cogview4").pipe  # the stock CogView4Pipeline a worker loads
     out.mkdir(parents=True)
     images = {}
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Ray Data's own batch-inference path as a peer: wall time, resume after a kill, peak memory.
 
-    python benchmarks/ray_data.py [--rows 48] [--size 512] [--steps 6] [--replicas 2] [--rounds 3]
+    python -m benchmarks.ray_data [--rows 48] [--size 512] [--steps 6] [--replicas 2] [--rounds 3]
 
 The same `tiny-cogview4` rows are rendered two ways, each in a fresh driver process:
 
@@ -8,8 +8,8 @@ The same `tiny-cogview4` rows are rendered two ways, each in a fresh driver proc
 - Ray Data: `read_parquet(manifest).repartition(...).map_batches(RenderRows,
   compute=ActorPoolStrategy(size=R), num_cpus=cores/R, batch_size=B).write_parquet(out/results)`,
   where `RenderRows` holds the pipeline cogdist builds for `tiny-cogview4`
-  (`cogdist.models.cogview4.build_tiny(0)`, torch threads = its CPUs, as cogdist's worker sets
-  them), calls it once per row with `generator=torch.Generator("cpu").manual_seed(seed)` and writes
+  (a `RenderWorker` set up in the actor with torch threads = its CPUs, as cogdist's worker sets
+  them: its `pipe`), calls it once per row with `generator=torch.Generator("cpu").manual_seed(seed)` and writes
   the PNG with cogdist's encoder. Resume uses Ray Data's built-in checkpointing
   (`DataContext.checkpoint_config = CheckpointConfig(id_column="id", checkpoint_path=...)`, beta
   in Ray 2.60): committed ids are recorded per written block and filtered out of the read when the
@@ -46,11 +46,10 @@ import psutil
 import pyarrow.dataset as ds
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import save
+from benchmarks.overhead import make_manifest
 
-from benchmarks.common import save  # noqa: E402
-from benchmarks.overhead import make_manifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class RenderRows:
@@ -59,11 +58,15 @@ class RenderRows:
     def __init__(self, out: str, threads: int, run: str):
         import torch
 
-        from cogdist.models.cogview4 import build_tiny
+        from cogdist.models.registry import resolve_model
+        from cogdist.worker.worker import RenderWorker, WorkerSettings
 
         torch.set_num_threads(threads)
-        self.pipe = build_tiny(0)
-        self.pipe.set_progress_bar_config(disable=True)
+        # The stock CogView4Pipeline, as a worker builds it (this actor's code is pickled by value:
+        # it imports cogdist only, not the benchmarks package).
+        worker = RenderWorker(resolve_model("tiny-cogview4"), out, WorkerSettings(threads=threads))
+        worker.setup()
+        self.pipe = worker.pipe
         self.images = Path(out) / "images"
         self.images.mkdir(parents=True, exist_ok=True)
         self.run = run
@@ -291,7 +294,7 @@ def ray_data_steady(out: Path, timings: dict) -> float:
 
 def one_round(work: Path, round_: int, args: argparse.Namespace) -> dict:
     manifest = str(work / "m.parquet")
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", "benchmarks.ray_data"]  # run_driver runs it from ROOT
     common = ["--replicas", str(args.replicas), "--batch-size", str(args.batch_size)]
     half = args.rows // 2
     results: dict = {}

@@ -1,6 +1,6 @@
 """Replica scaling and worker busy fraction: the same rows at 1, 2, ... replicas on the CPU.
 
-    python benchmarks/replicas.py [--rows 48] [--size 512] [--steps 6] [--rounds 3] [--replicas 1,2]
+    python -m benchmarks.replicas [--rows 48] [--size 512] [--steps 6] [--rounds 3] [--replicas 1,2]
 
 Renders the same `tiny-cogview4` rows with `cogdist.render` at each replica count (default: 1, 2
 and `os.cpu_count()` if larger), in interleaved rounds because a shared machine is noisy.
@@ -18,18 +18,15 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cogdist  # noqa: E402
-from benchmarks.common import save, timings  # noqa: E402
-from benchmarks.overhead import make_manifest  # noqa: E402
+import cogdist
+from benchmarks.common import save, timings
+from benchmarks.overhead import make_manifest
 
 
 def replica_usage(out: Path, steady_seconds: float) -> list[dict]:

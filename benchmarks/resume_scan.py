@@ -1,7 +1,7 @@
 """Resume scan: time and peak memory to find the pending rows of a large manifest.
 
-    python benchmarks/resume_scan.py [--rows 1000000] [--done 900000] [--part-rows 1000]
-    python benchmarks/resume_scan.py --rows 10000000 [--inputs DIR]   # DONE: 90 % of ROWS; DIR kept
+    python -m benchmarks.resume_scan [--rows 1000000] [--done 900000] [--part-rows 1000]
+    python -m benchmarks.resume_scan --rows 10000000 [--inputs DIR]   # DONE: 90 % of ROWS; DIR kept
 
 Writes a manifest of ROWS rows and an index of DONE rows in parts of PART-ROWS rows (the
 engine commits at most 1000 rows per part), then, in a fresh process, times what a resumed
@@ -27,9 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import save  # noqa: E402
+from benchmarks.common import save
 
 SCAN = r"""
 import json, sys, time

@@ -1,7 +1,7 @@
 """What sequence parallelism costs on a CPU: seconds per transformer pass at K = 1 and K = 2, and
 the bytes each rank receives through collectives per pass, on the tiny presets over gloo.
 
-    python benchmarks/sp_collectives.py [--passes 8]
+    python -m benchmarks.sp_collectives [--passes 8]
 
 Each rank is a spawned process with one torch thread (the machine has 2 cores, so K = 2 uses both
 and K = 1 one). A one-row render's first transformer call is captured (as the sequence-parallel tests do) and replayed: the same
@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine, save  # noqa: E402
-from cogdist.parallel.group import Layout  # noqa: E402
-from tests.distributed import run_gang  # noqa: E402
-from tests.test_sequence_parallel import first_transformer_call  # noqa: E402
+from benchmarks.common import machine, save
+from cogdist.parallel.group import Layout
+from tests.distributed import run_gang
+from tests.test_sequence_parallel import first_transformer_call
 
 # preset -> (side, frames): sizes large enough for a few hundred tokens.
 ROWS = {

@@ -1,9 +1,9 @@
 """Step caching (--cache) on the CPU: seconds per item, work skipped and pixel difference.
 
-    python benchmarks/step_cache.py [--steps 50] [--rounds 3] [--threads 1] [--only cogview4]
+    python -m benchmarks.step_cache [--steps 50] [--rounds 3] [--threads 1] [--only cogview4]
 
 For each family and each cache kind it supports (cogdist.worker.cache), one row is rendered in
-process by the family's `render` (what the worker calls), with the tiny random-weight preset at a
+process by the family's `render` (what the worker calls) on the pipeline a worker builds, with the tiny random-weight preset at a
 size and step count where the transformer is most of the time: CogView4 at 256x256, CogVideoX at
 128x128 x 17 frames, 50 steps. Rounds are interleaved (every case once per round) and medians
 compared, as the machine is shared and noisy. Counted per render: transformer block computations
@@ -19,29 +19,16 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, family_runner, save, set_up_worker
+from cogdist.work import WorkItem
+from cogdist.worker.cache import FIRST_BLOCK_THRESHOLD, SUPPORTED, apply_step_cache, remove_step_cache
+from cogdist.worker.inputs import Inputs
 
-from benchmarks.common import RESULTS, save  # noqa: E402
-from cogdist.models import cogvideox, cogview4  # noqa: E402
-from cogdist.models.registry import PRESETS  # noqa: E402
-from cogdist.work import WorkItem  # noqa: E402
-from cogdist.worker.cache import (  # noqa: E402
-    FIRST_BLOCK_THRESHOLD,
-    SUPPORTED,
-    apply_step_cache,
-    remove_step_cache,
-)
-from cogdist.worker.inputs import Inputs  # noqa: E402
-from cogdist.worker.worker import WorkerSettings, place  # noqa: E402
-
-CPU = torch.device("cpu")
 # family -> first-block thresholds measured: the default, and one at which the tiny models skip.
 THRESHOLDS = {"cogview4": (FIRST_BLOCK_THRESHOLD, 0.3), "cogvideox": (FIRST_BLOCK_THRESHOLD, 0.5)}
 
@@ -51,14 +38,11 @@ class Bench:
 
     def __init__(self, family: str, steps: int):
         self.family = family
+        worker = set_up_worker(f"tiny-{family}")
+        self.pipe, self.device, self.runner = worker.pipe, worker.device, family_runner(family)
         if family == "cogview4":
-            spec = PRESETS["tiny-cogview4"]
-            self.pipe = place(cogview4.load_pipeline(spec, torch.float32), CPU, WorkerSettings())
             self.row = WorkItem("a", "a small house by a lake", None, 0, 256, 256, steps, 5.0, None, "a.png")
         else:
-            spec = PRESETS["tiny-cogvideox"]
-            settings = WorkerSettings(vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing)
-            self.pipe = place(cogvideox.load_pipeline(spec, torch.float32), CPU, settings)
             self.row = WorkItem(
                 "a",
                 "a small house by a lake",
@@ -96,10 +80,7 @@ class Bench:
         self.transformer_seconds = 0.0
         row = type(self.row)(**{**vars(self.row), "seed": seed})
         start = time.perf_counter()
-        if self.family == "cogview4":
-            pixels = cogview4.render(self.pipe, [row], CPU)[0]
-        else:
-            pixels = cogvideox.render(self.pipe, [row], CPU, [Inputs()])[0]
+        pixels = self.runner.render(self.pipe, [row], self.device, [Inputs()])[0]
         return pixels, {
             "seconds": time.perf_counter() - start,
             "transformer_seconds": self.transformer_seconds,

@@ -1,10 +1,10 @@
 """Seconds per denoising step and model FLOP utilisation: cogdist's render path against the stock
 diffusers pipeline, on real-size architectures with random weights (no download).
 
-    python benchmarks/step_time.py [--models cogvideox-5b glm-image cogview4-6b] [--steps 6]
+    python -m benchmarks.step_time [--models cogvideox-5b glm-image cogview4-6b] [--steps 6]
         [--attention-backends native,_native_cudnn,...] [--sdpa-routing stock,dispatcher]
         [--compile] [--output NAME]
-    python benchmarks/step_time.py --tiny      # the same code on the tiny presets, on a CPU
+    python -m benchmarks.step_time --tiny      # the same code on the tiny presets, on a CPU
 
 One row per (model, path, SDPA routing, attention backend, compile on/off); path is cogdist's
 render or the stock pipeline call, both on the same loaded pipeline. The attention backend is
@@ -35,19 +35,16 @@ import contextlib
 import functools
 import json
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import save  # noqa: E402
-from cogdist.models.registry import PRESETS  # noqa: E402
-from cogdist.work import WorkItem  # noqa: E402
-from cogdist.worker.inputs import Inputs  # noqa: E402
+from benchmarks.common import family_runner, save, set_up_worker
+from cogdist.models.registry import PRESETS
+from cogdist.work import WorkItem
+from cogdist.worker.inputs import Inputs
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoints"
 
@@ -132,12 +129,12 @@ def real_size_pipeline(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def tiny_pipeline(name: str, device: torch.device, dtype: torch.dtype):
-    from cogdist.models import family_module
-    from cogdist.worker.worker import WorkerSettings, place
-
-    spec = PRESETS[MODELS[name][2]]
-    pipe = family_module(spec.family).load_pipeline(spec, dtype)
-    return place(pipe, device, WorkerSettings(vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing))
+    """The tiny preset's pipeline of model `name`, built by a worker set up in this process (which
+    places it on this machine's device: `device` must be of that type)."""
+    worker = set_up_worker(MODELS[name][2], dtype=str(dtype).removeprefix("torch."))
+    if worker.device.type != device.type:
+        raise ValueError(f"a worker here renders on {worker.device}, not {device}")
+    return worker.pipe
 
 
 class StepClock:
@@ -298,8 +295,6 @@ def run(
     peak: float,
 ) -> list[dict]:
     """One row per (path, routing, backend, compile) for model `name`."""
-    from cogdist.models import family_module
-
     family, _, preset, width, height, frames, guidance = MODELS[name]
     if tiny:
         spec = PRESETS[preset]
@@ -307,7 +302,7 @@ def run(
         pipe = tiny_pipeline(name, device, dtype)
     else:
         pipe = real_size_pipeline(name, device, dtype)
-    module = family_module(family)
+    module = family_runner(family)
     task = "text-to-video" if frames else "text-to-image"
 
     def work_item(item_steps: int) -> WorkItem:

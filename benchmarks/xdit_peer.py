@@ -2,10 +2,10 @@
 through `xFuserCogVideoXPipeline`, on the same real-size random-weight pipeline as step_time.py.
 
     pip install -e '.[xdit]'                                   # on a machine with CUDA GPUs
-    torchrun --nproc_per_node=1 benchmarks/xdit_peer.py        # one GPU: xfuser runs the stock pipeline
-    torchrun --nproc_per_node=2 benchmarks/xdit_peer.py --ulysses-degree 2
-    torchrun --nproc_per_node=2 benchmarks/xdit_peer.py --cfg-parallel
-    torchrun --nproc_per_node=4 benchmarks/xdit_peer.py --ulysses-degree 2 --cfg-parallel [--compile]
+    torchrun --nproc_per_node=1 -m benchmarks.xdit_peer        # one GPU: xfuser runs the stock pipeline
+    torchrun --nproc_per_node=2 -m benchmarks.xdit_peer --ulysses-degree 2
+    torchrun --nproc_per_node=2 -m benchmarks.xdit_peer --cfg-parallel
+    torchrun --nproc_per_node=4 -m benchmarks.xdit_peer --ulysses-degree 2 --cfg-parallel [--compile]
 
 The world size must equal ulysses x ring x (2 with --cfg-parallel). Every rank builds the
 transformer, VAE and scheduler from tests/data/checkpoints/THUDM__CogVideoX-5b with the same seed
@@ -27,15 +27,12 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, save  # noqa: E402
+from benchmarks.common import RESULTS, save
 
 MODEL = "cogvideox-5b"
 WIDTH, HEIGHT, FRAMES, GUIDANCE = 720, 480, 49, 6.0

@@ -106,7 +106,7 @@ def test_rows_are_related_by_path_and_compile():
 
 def test_xdit_peer_stops_with_a_reason_where_xfuser_cannot_run():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "xdit_peer.py")],
+        [sys.executable, "-m", "benchmarks.xdit_peer"],
         capture_output=True,
         text=True,
         timeout=120,
