@@ -7,44 +7,63 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import asdict
+from dataclasses import MISSING, asdict
 
 from cogdist._version import __version__
 from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_ROWS_FAILED, CogdistError
-from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
-from cogdist.storage import RETRY_SECONDS
-from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK_THRESHOLD, NO_CACHE
-from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
+from cogdist.options import GROUPS, ROW_DEFAULTS, declared, flag_of
 
 EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorded under OUT/failures)
 or the run stopped; 2 refused before rendering (bad manifest, options or conflicting resume);
 130 interrupted."""
+# `validate` takes the options that change what a row is and how the model loads.
+_VALIDATE_GROUPS = (ROW_DEFAULTS, "trust")
 
 
-def _add_model_defaults(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("defaults for rows that leave a column empty")
-    group.add_argument("--width", type=int, help="default width (model's default otherwise)")
-    group.add_argument("--height", type=int, help="default height")
-    group.add_argument("--steps", type=int, help="default num_inference_steps")
-    group.add_argument("--guidance", type=float, help="default guidance_scale")
-    group.add_argument("--frames", type=int, help="default num_frames (video models)")
-    group.add_argument("--fps", type=float, help="default frames per second of the MP4s (video models)")
+_TYPES = {"int": int, "float": float}
 
 
-def _add_trust_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "checkpoints you trust (off: safetensors only, no code from the checkpoint)"
-    )
-    group.add_argument(
-        "--allow-pickle-weights",
-        action="store_true",
-        help="load .bin/.pt pickle weights (can run code when loaded; only for checkpoints you trust)",
-    )
-    group.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let diffusers import Python code that ships with the checkpoint (only for code you trust)",
-    )
+def add_options(parser: argparse.ArgumentParser, groups: tuple[str | None, ...] | None = None) -> None:
+    """Add the declared RenderOptions (those of `groups`; None: all) to `parser`, in their order."""
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for name, annotation, default, how in declared():
+        if groups is not None and how.group not in groups:
+            continue
+        target: argparse._ActionsContainer = parser
+        if how.group is not None:
+            if how.group not in sections:
+                sections[how.group] = parser.add_argument_group(GROUPS[how.group])
+            target = sections[how.group]
+        flag = flag_of(name, how)
+        kind = annotation.split(" | ")[0]
+        kwargs: dict = {"help": how.help}
+        if kind == "bool":
+            if annotation == "bool | None":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            if kind in _TYPES:
+                kwargs["type"] = _TYPES[kind]
+            if how.choices is not None:
+                kwargs["choices"] = how.choices
+            if how.metavar is not None:
+                kwargs["metavar"] = how.metavar
+        if not flag:
+            target.add_argument(name, **kwargs)
+            continue
+        if default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        target.add_argument(flag, dest=name, **kwargs)
+
+
+def option_values(args: argparse.Namespace, groups: tuple[str | None, ...] | None = None) -> dict:
+    """The parsed values of the options `add_options` added."""
+    return {
+        name: getattr(args, name) for name, _, _, how in declared() if groups is None or how.group in groups
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,135 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     render = commands.add_parser(
         "render", help="render a manifest (re-run the same command to resume)", epilog=EPILOG
     )
-    render.add_argument("manifest", help="Parquet file, folder or glob; local path or s3:// / gs:// URI")
-    render.add_argument(
-        "--model", required=True, help="preset (see `cogdist models`), HF repo id or local folder"
-    )
-    render.add_argument("--out", required=True, help="output folder or s3:// / gs:// prefix")
-    render.add_argument(
-        "--replicas", type=int, help="gangs in parallel (default: one per GPU, 2 without GPUs)"
-    )
-    render.add_argument(
-        "--sp", type=int, default=1, help="sequence-parallel degree: GPUs sharing one sample (default 1)"
-    )
-    render.add_argument(
-        "--collective-timeout",
-        type=float,
-        default=600.0,
-        help="seconds a gang member waits for a peer before the gang is rebuilt (default 600)",
-    )
-    render.add_argument(
-        "--cfg-parallel",
-        action="store_true",
-        help="conditional and unconditional passes on two halves of the gang: 2 x --sp GPUs per gang",
-    )
-    render.add_argument(
-        "--batch-size", type=int, default=1, help="rows of one shape per pipeline call (default 1)"
-    )
-    render.add_argument("--max-in-flight", type=int, default=2, help="units queued per replica (default 2)")
-    render.add_argument("--max-retries", type=int, default=2, help="retries of a failing row (default 2)")
-    render.add_argument(
-        "--max-gang-restarts",
-        type=int,
-        default=3,
-        help="times a replica whose workers died is rebuilt before it is given up (default 3)",
-    )
-    render.add_argument(
-        "--format",
-        choices=["png", "jpeg", "webp", "mp4"],
-        help="output format (default: png; mp4 for videos)",
-    )
-    render.add_argument(
-        "--quality",
-        type=int,
-        help="1..100: JPEG/WebP quality (default 95); MP4 quality (default 65 = CRF 18)",
-    )
-    render.add_argument(
-        "--save-frames", action="store_true", help="video models: also write every frame as a PNG"
-    )
-    render.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default=FILES,
-        help="files: one file per row under outputs/ (default); webdataset: tar shards under shards/; "
-        "parquet: Hugging Face datasets Parquet with the media embedded, under data/",
-    )
-    render.add_argument(
-        "--shard-size",
-        type=int,
-        default=DEFAULT_SHARD_SIZE,
-        metavar="N",
-        help=f"samples per shard with --dataset webdataset/parquet (default {DEFAULT_SHARD_SIZE})",
-    )
-    memory = render.add_argument_group("memory (default: the model's; see `cogdist models`)")
-    memory.add_argument(
-        "--vae-tiling", action=argparse.BooleanOptionalAction, help="decode in overlapping tiles"
-    )
-    memory.add_argument(
-        "--vae-slicing", action=argparse.BooleanOptionalAction, help="decode a batch one sample at a time"
-    )
-    memory.add_argument(
-        "--cpu-offload",
-        action=argparse.BooleanOptionalAction,
-        help="GPU: keep only the running component on the GPU (model CPU offload)",
-    )
-    render.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
-    )
-    render.add_argument(
-        "--cache",
-        choices=CACHE_KINDS,
-        default=NO_CACHE,
-        help="step cache on the transformer: reuse work between denoising steps (faster, pixels differ "
-        "slightly; default none). CogView4: first-block, taylorseer; CogVideoX: also pab",
-    )
-    render.add_argument(
-        "--cache-threshold",
-        type=float,
-        metavar="T",
-        help=f"--cache first-block: skip the other blocks while the first block's output changed by "
-        f"less than T (relative; default {FIRST_BLOCK_THRESHOLD}); higher skips more",
-    )
-    render.add_argument(
-        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
-    )
-    render.add_argument("--cpus-per-worker", type=float, help="logical CPUs reserved per worker")
-    render.add_argument(
-        "--overwrite", action="store_true", help="start over: remove what an earlier job wrote to OUT"
-    )
-    render.add_argument(
-        "--retry-failed", action="store_true", help="render rows recorded under failures/ again"
-    )
-    render.add_argument(
-        "--storage-timeout",
-        type=float,
-        default=RETRY_SECONDS,
-        help=f"seconds reads and writes of OUT are retried before the run stops (default {RETRY_SECONDS:.0f})",
-    )
-    render.add_argument(
-        "--commit-interval",
-        type=float,
-        default=2.0,
-        metavar="S",
-        help="seconds between index commits: each commit writes the rows finished since the last one "
-        "as one Parquet part (default 2)",
-    )
-    render.add_argument(
-        "--step-checkpoint",
-        type=int,
-        metavar="N",
-        help="video models: save the denoising state every N steps so a killed item resumes mid-way "
-        f"(default: every {CHECKPOINT_SECONDS:.0f}s of an item's denoising; 0: never)",
-    )
-    render.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_defaults(render)
-    _add_trust_options(render)
+    add_options(render)
 
     validate = commands.add_parser("validate", help="check a manifest against a model without rendering")
     validate.add_argument("manifest")
     validate.add_argument("--model", required=True)
-    _add_model_defaults(validate)
-    _add_trust_options(validate)
+    add_options(validate, _VALIDATE_GROUPS)
 
     status = commands.add_parser("status", help="done / failed (and pending, given the manifest) of an OUT")
     status.add_argument("out")
@@ -218,46 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _render(args: argparse.Namespace) -> int:
     from cogdist.api import render
 
-    summary = render(
-        args.manifest,
-        model=args.model,
-        out=args.out,
-        replicas=args.replicas,
-        sp=args.sp,
-        cfg_parallel=args.cfg_parallel,
-        collective_timeout=args.collective_timeout,
-        storage_timeout=args.storage_timeout,
-        commit_interval=args.commit_interval,
-        step_checkpoint=args.step_checkpoint,
-        batch_size=args.batch_size,
-        max_in_flight=args.max_in_flight,
-        max_retries=args.max_retries,
-        max_gang_restarts=args.max_gang_restarts,
-        format=args.format,
-        quality=args.quality,
-        dtype=args.dtype,
-        cache=args.cache,
-        cache_threshold=args.cache_threshold,
-        address=args.address,
-        cpus_per_worker=args.cpus_per_worker,
-        overwrite=args.overwrite,
-        retry_failed=args.retry_failed,
-        progress=not args.no_progress,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance=args.guidance,
-        frames=args.frames,
-        fps=args.fps,
-        save_frames=args.save_frames,
-        dataset=args.dataset,
-        shard_size=args.shard_size,
-        vae_tiling=args.vae_tiling,
-        vae_slicing=args.vae_slicing,
-        cpu_offload=args.cpu_offload,
-        allow_pickle=args.allow_pickle_weights,
-        trust_remote_code=args.trust_remote_code,
-    )
+    values = option_values(args)
+    summary = render(values.pop("manifest"), model=values.pop("model"), out=values.pop("out"), **values)
     print(summary.describe())
     return summary.exit_code
 
@@ -265,18 +123,7 @@ def _render(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from cogdist.api import validate
 
-    report = validate(
-        args.manifest,
-        model=args.model,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance=args.guidance,
-        frames=args.frames,
-        fps=args.fps,
-        allow_pickle=args.allow_pickle_weights,
-        trust_remote_code=args.trust_remote_code,
-    )
+    report = validate(args.manifest, model=args.model, **option_values(args, _VALIDATE_GROUPS))
     print(f"ok: {report.rows} rows in {report.files} file(s) can be rendered with {args.model}")
     return EXIT_OK
 
@@ -337,7 +184,11 @@ def _models(args: argparse.Namespace) -> int:
         notes = [s.description]
         if s.frames:
             notes.append(f"frames: {s.frames.describe()}")
-        memory = [name for name, on in (("vae tiling", s.vae_tiling), ("vae slicing", s.vae_slicing)) if on]
+        memory = [
+            name.replace("_", " ")
+            for name, _, _, how in declared()
+            if how.group == "memory" and getattr(s, how.spec_field or name)
+        ]
         if memory:
             notes.append(f"default memory options: {', '.join(memory)}")
         print(f"    {'; '.join(notes)}")

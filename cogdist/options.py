@@ -1,107 +1,314 @@
-"""RenderOptions: every knob of a render, validated before anything starts."""
+"""RenderOptions: every knob of a render, declared once and validated before anything starts.
+
+Each option is one `RenderOptions` field whose metadata (`option(...)`) says how the CLI spells
+it and what it does to a job: the CLI's flags (cogdist.cli), the job record (cogdist.sink.job)
+and the settings every worker receives (`worker_settings` in cogdist.engine) are derived from
+these declarations. To add an option, add a field here; nothing else lists the options.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
 
 from cogdist.errors import UsageError
 from cogdist.models.layout import check_layout
 from cogdist.models.registry import ModelSpec
-from cogdist.sink.dataset import DATASETS, DEFAULT_SHARD_SIZE, FILES
+from cogdist.sink import SINKS
+from cogdist.sink.dataset import DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
+from cogdist.sink.job import JobSettings
 from cogdist.storage import RETRY_SECONDS
-from cogdist.worker.cache import FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
-from cogdist.worker.worker import DTYPES
+from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
+from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
+from cogdist.worker.worker import DTYPES, WorkerSettings
+
+# What an option does to a job (Option.kind).
+OUTPUT = "output"
+"""Changes the outputs: kept in the job record's "settings"; a resume with another value is refused."""
+RECORDED = "recorded"
+"""Kept in the job record's "recorded" for the reader, free to change on resume (replicas, timeouts)."""
+UNRECORDED = "unrecorded"
+"""Neither: paths and addresses (which may hold credentials) and what one run does (--overwrite)."""
+
+# CLI argument groups, by Option.group; options without one are the command's own.
+GROUPS = {
+    "memory": "memory (default: the model's; see `cogdist models`)",
+    "defaults": "defaults for rows that leave a column empty",
+    "trust": "checkpoints you trust (off: safetensors only, no code from the checkpoint)",
+}
+ROW_DEFAULTS = "defaults"
+_WORKER = WorkerSettings()  # the worker's own defaults, which the options share (written once there)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one RenderOptions field is offered and what it does to a job."""
+
+    help: str
+    """The CLI's help line (argparse's %(default)s may stand for the default)."""
+    kind: str = UNRECORDED
+    """OUTPUT, RECORDED or UNRECORDED."""
+    worker: bool = False
+    """Every worker receives it (a WorkerSettings field of the same name)."""
+    flag: str | None = None
+    """The CLI's spelling; default "--" and the name with dashes; "" for a positional argument."""
+    group: str | None = None
+    """A key of GROUPS: the help section it is listed in."""
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    spec_field: str | None = None
+    """The ModelSpec field whose value None stands for (the model's default). The job record keeps
+    the resolved value under this name; options of the ROW_DEFAULTS group also replace it in the
+    ModelSpec the rows and workers receive."""
+    record: Callable[[Any, ModelSpec], Any] | None = None
+    """The job record's value, from the resolved value and the model (default: the value)."""
+
+
+def option(help: str, default: object = MISSING, **how: Any) -> Any:
+    """A RenderOptions field declared with its Option."""
+    return field(default=default, metadata={"option": Option(help, **how)})
+
+
+def declared() -> Iterator[tuple[str, str, object, Option]]:
+    """(name, annotation, default, Option) of every option, in declaration order (the CLI's)."""
+    for f in fields(RenderOptions):
+        yield f.name, str(f.type), f.default, f.metadata["option"]
+
+
+def flag_of(name: str, how: Option) -> str:
+    return how.flag if how.flag is not None else "--" + name.replace("_", "-")
+
+
+def job_flags() -> dict[str, str]:
+    """Job record key -> how a conflict message names it."""
+    flags = {
+        (how.spec_field or name): flag_of(name, how) for name, _, _, how in declared() if how.kind == OUTPUT
+    }
+    return {**flags, "columns": "the manifest's columns"}
 
 
 @dataclass(frozen=True)
 class RenderOptions:
-    manifest: str
+    """Everything a render is asked to do: the manifest, model and OUT, and every knob.
+
+    Fields are declared in the order `cogdist render --help` lists them; each one's metadata is
+    its Option. `check` refuses what cannot work with the model; `resolved` fills in what the
+    model decides (format, quality, memory options, row defaults).
+    """
+
+    manifest: str = option("Parquet file, folder or glob; local path or s3:// / gs:// URI", flag="")
     """Parquet file, folder or glob; local path or object-store URI."""
-    model: str
+    model: str = option(
+        "preset (see `cogdist models`), HF repo id or local folder",
+        kind=OUTPUT,
+        record=lambda value, spec: spec.name,
+    )
     """Preset name, Hugging Face repo id, or folder holding model_index.json."""
-    out: str
+    out: str = option("output folder or s3:// / gs:// prefix")
     """Output folder or object-store prefix."""
-    replicas: int | None = None
+    replicas: int | None = option(
+        "gangs in parallel (default: one per GPU, 2 without GPUs)", None, kind=RECORDED
+    )
     """Gangs rendering in parallel. Default: one per GPU (divided by --sp), or 2 without GPUs."""
-    sp: int = 1
+    sp: int = option(
+        "sequence-parallel degree: GPUs sharing one sample (default %(default)s)",
+        1,
+        kind=RECORDED,
+        worker=True,
+    )
     """Sequence-parallel degree: GPUs sharing one sample's tokens."""
-    cfg_parallel: bool = False
-    """Run the conditional and unconditional passes on two halves of the gang (2 x sp GPUs)."""
-    batch_size: int = 1
-    """Rows of one shape rendered by one pipeline call."""
-    max_in_flight: int = 2
-    """Units queued per replica, so that it never waits for the driver between units."""
-    max_retries: int = 2
-    """Renders retried after an error before a row is recorded under failures/."""
-    format: str | None = None
-    """Output format: png, jpeg or webp for images (default png); mp4 for videos."""
-    quality: int | None = None
-    """JPEG/WebP quality, or MP4 quality (1..100, mapped to H.264 CRF; default 65 = CRF 18)."""
-    width: int | None = None
-    """Default width for rows that name none (the model's default otherwise)."""
-    height: int | None = None
-    steps: int | None = None
-    """Default num_inference_steps for rows that name none."""
-    guidance: float | None = None
-    """Default guidance_scale for rows that name none."""
-    frames: int | None = None
-    """Default num_frames for rows of a video model that name none."""
-    fps: float | None = None
-    """Default frames per second of the MP4s for rows that name none (the model's otherwise)."""
-    save_frames: bool = False
-    """Video models: also write every frame as a PNG (`<output>.frames/000000.png`, ...)."""
-    vae_tiling: bool | None = None
-    """Decode latents in overlapping tiles (less memory). None: the model's default."""
-    vae_slicing: bool | None = None
-    """Decode a batch one sample at a time. None: the model's default."""
-    cpu_offload: bool | None = None
-    """Model CPU offload on GPUs (components move to the GPU only while they run). None: the model's
-    default."""
-    dtype: str = "auto"
-    """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
-    cache: str = NO_CACHE
-    """Step cache on the transformer: none, first-block, taylorseer or pab (see cogdist.worker.cache).
-    Fewer transformer computations; outputs differ slightly from uncached ones."""
-    cache_threshold: float | None = None
-    """--cache first-block: relative change of the first block's output below which the other
-    blocks are skipped (default FIRST_BLOCK_THRESHOLD); higher skips more."""
-    allow_pickle: bool = False
-    """Load .bin/.pt pickle weights of a checkpoint that has no safetensors. Unpickling can run
-    code: only for checkpoints you trust."""
-    trust_remote_code: bool = False
-    """Let diffusers import Python code that ships with the checkpoint (custom components). Only
-    for checkpoints whose code you have read and trust."""
-    address: str | None = None
-    """Ray cluster to join; default: $RAY_ADDRESS, else a local instance started in process."""
-    overwrite: bool = False
-    """Start over: remove what a previous job wrote under OUT instead of resuming it."""
-    retry_failed: bool = False
-    """Render rows recorded under failures/ again instead of skipping them."""
-    cpus_per_worker: float | None = None
-    """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
-    collective_timeout: float = 600.0
+    collective_timeout: float = option(
+        "seconds a gang member waits for a peer before the gang is rebuilt (default %(default).0f)",
+        _WORKER.collective_timeout,
+        kind=RECORDED,
+        worker=True,
+    )
     """Seconds a gang member waits for a peer in a collective before the gang is rebuilt (a hung
     GPU or process). Longer than any rank-0-only stage: text encoding, GLM-Image's AR prior."""
-    storage_timeout: float = RETRY_SECONDS
+    cfg_parallel: bool = option(
+        "conditional and unconditional passes on two halves of the gang: 2 x --sp GPUs per gang",
+        False,
+        kind=RECORDED,
+        worker=True,
+    )
+    """Run the conditional and unconditional passes on two halves of the gang (2 x sp GPUs)."""
+    batch_size: int = option("rows of one shape per pipeline call (default %(default)s)", 1, kind=RECORDED)
+    """Rows of one shape rendered by one pipeline call."""
+    max_in_flight: int = option("units queued per replica (default %(default)s)", 2, kind=RECORDED)
+    """Units queued per replica, so that it never waits for the driver between units."""
+    max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
+    """Renders retried after an error before a row is recorded under failures/."""
+    max_gang_restarts: int = option(
+        "times a replica whose workers died is rebuilt before it is given up (default %(default)s)",
+        3,
+        kind=RECORDED,
+    )
+    """Times a replica is rebuilt after its workers die before it is given up."""
+    format: str | None = option(
+        "output format (default: png; mp4 for videos)",
+        None,
+        kind=OUTPUT,
+        worker=True,
+        choices=(*IMAGE_FORMATS, *VIDEO_FORMATS),
+    )
+    """Output format: png, jpeg or webp for images (default png); mp4 for videos."""
+    quality: int | None = option(
+        "1..100: JPEG/WebP quality (default 95); MP4 quality (default 65 = CRF 18)",
+        None,
+        kind=OUTPUT,
+        worker=True,
+    )
+    """JPEG/WebP quality, or MP4 quality (1..100, mapped to H.264 CRF; default 65 = CRF 18)."""
+    save_frames: bool = option("video models: also write every frame as a PNG", False, kind=OUTPUT)
+    """Video models: also write every frame as a PNG (`<output>.frames/000000.png`, ...)."""
+    dataset: str = option(
+        "files: one file per row under outputs/ (default); webdataset: tar shards under shards/; "
+        "parquet: Hugging Face datasets Parquet with the media embedded, under data/",
+        FILES,
+        kind=OUTPUT,
+        choices=tuple(SINKS),
+        record=lambda value, spec: None if value == FILES else value,
+    )
+    """How outputs are stored: "files" (one file per row under outputs/), "webdataset" (tar shards
+    under shards/) or "parquet" (Hugging Face datasets Parquet with the media embedded, under data/)."""
+    shard_size: int = option(
+        "samples per shard with --dataset webdataset/parquet (default %(default)s)",
+        DEFAULT_SHARD_SIZE,
+        kind=RECORDED,
+        metavar="N",
+    )
+    """--dataset webdataset/parquet: samples per shard. Samples wait in the driver's memory until
+    their shard is written; a killed run renders the unwritten ones again."""
+    vae_tiling: bool | None = option(
+        "decode in overlapping tiles", None, kind=OUTPUT, worker=True, group="memory", spec_field="vae_tiling"
+    )
+    """Decode latents in overlapping tiles (less memory; tiles blend, which changes pixels slightly).
+    None: the model's default."""
+    vae_slicing: bool | None = option(
+        "decode a batch one sample at a time",
+        None,
+        kind=RECORDED,
+        worker=True,
+        group="memory",
+        spec_field="vae_slicing",
+    )
+    """Decode a batch one sample at a time. None: the model's default."""
+    cpu_offload: bool | None = option(
+        "GPU: keep only the running component on the GPU (model CPU offload)",
+        None,
+        kind=RECORDED,
+        worker=True,
+        group="memory",
+        spec_field="cpu_offload",
+    )
+    """Model CPU offload on GPUs (components move to the GPU only while they run). None: the model's
+    default."""
+    dtype: str = option(
+        "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16", "auto", kind=OUTPUT, worker=True
+    )
+    """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    cache: str = option(
+        "step cache on the transformer: reuse work between denoising steps (faster, pixels differ "
+        "slightly; default none). CogView4: first-block, taylorseer; CogVideoX: also pab",
+        NO_CACHE,
+        kind=OUTPUT,
+        worker=True,
+        choices=CACHE_KINDS,
+        record=lambda value, spec: None if value == NO_CACHE else value,
+    )
+    """Step cache on the transformer: none, first-block, taylorseer or pab (see cogdist.worker.cache).
+    Fewer transformer computations; outputs differ slightly from uncached ones."""
+    cache_threshold: float | None = option(
+        f"--cache first-block: skip the other blocks while the first block's output changed by "
+        f"less than T (relative; default {FIRST_BLOCK_THRESHOLD}); higher skips more",
+        None,
+        kind=OUTPUT,
+        worker=True,
+        metavar="T",
+    )
+    """--cache first-block: relative change of the first block's output below which the other
+    blocks are skipped (default FIRST_BLOCK_THRESHOLD); higher skips more."""
+    address: str | None = option("Ray cluster address (default: $RAY_ADDRESS, else a local instance)", None)
+    """Ray cluster to join; default: $RAY_ADDRESS, else a local instance started in process."""
+    cpus_per_worker: float | None = option("logical CPUs reserved per worker", None, kind=RECORDED)
+    """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
+    overwrite: bool = option("start over: remove what an earlier job wrote to OUT", False)
+    """Start over: remove what a previous job wrote under OUT instead of resuming it."""
+    retry_failed: bool = option("render rows recorded under failures/ again", False)
+    """Render rows recorded under failures/ again instead of skipping them."""
+    storage_timeout: float = option(
+        "seconds reads and writes of OUT are retried before the run stops (default %(default).0f)",
+        RETRY_SECONDS,
+        kind=RECORDED,
+        worker=True,
+    )
     """Seconds a read or write of OUT (or of an input) is retried through transient errors, such
     as an object store restarting, before the run stops (a re-run resumes it)."""
-    step_checkpoint: int | None = None
+    commit_interval: float = option(
+        "seconds between index commits: each commit writes the rows finished since the last one "
+        "as one Parquet part (default %(default)g)",
+        2.0,
+        kind=RECORDED,
+        metavar="S",
+    )
+    """Seconds between index commits (finished rows are committed in one Parquet part)."""
+    step_checkpoint: int | None = option(
+        "video models: save the denoising state every N steps so a killed item resumes mid-way "
+        f"(default: every {CHECKPOINT_SECONDS:.0f}s of an item's denoising; 0: never)",
+        None,
+        kind=RECORDED,
+        worker=True,
+        metavar="N",
+    )
     """Video models: save the denoising state to OUT every N steps, so that a render killed mid-item
     resumes from its last checkpoint. None: every CHECKPOINT_SECONDS of an item's denoising (only
     long items are saved); 0: never."""
-    max_gang_restarts: int = 3
-    """Times a replica is rebuilt after its workers die before it is given up."""
-    dataset: str = "files"
-    """How outputs are stored: "files" (one file per row under outputs/), "webdataset" (tar shards
-    under shards/) or "parquet" (Hugging Face datasets Parquet with the media embedded, under data/)."""
-    shard_size: int = DEFAULT_SHARD_SIZE
-    """--dataset webdataset/parquet: samples per shard. Samples wait in the driver's memory until
-    their shard is written; a killed run renders the unwritten ones again."""
-    commit_interval: float = 2.0
-    """Seconds between index commits (finished rows are committed in one Parquet part)."""
-    progress: bool = True
+    progress: bool = option("no progress bar", True, flag="--no-progress")
     """Show a progress bar on stderr."""
+    width: int | None = option(
+        "default width (model's default otherwise)", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="width"
+    )
+    """Default width for rows that name none (the model's default otherwise)."""
+    height: int | None = option("default height", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="height")
+    steps: int | None = option(
+        "default num_inference_steps", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="num_inference_steps"
+    )
+    """Default num_inference_steps for rows that name none."""
+    guidance: float | None = option(
+        "default guidance_scale", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="guidance_scale"
+    )
+    """Default guidance_scale for rows that name none."""
+    frames: int | None = option(
+        "default num_frames (video models)", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="num_frames"
+    )
+    """Default num_frames for rows of a video model that name none."""
+    fps: float | None = option(
+        "default frames per second of the MP4s (video models)",
+        None,
+        kind=OUTPUT,
+        group=ROW_DEFAULTS,
+        spec_field="fps",
+    )
+    """Default frames per second of the MP4s for rows that name none (the model's otherwise)."""
+    allow_pickle: bool = option(
+        "load .bin/.pt pickle weights (can run code when loaded; only for checkpoints you trust)",
+        False,
+        kind=RECORDED,
+        flag="--allow-pickle-weights",
+        group="trust",
+    )
+    """Load .bin/.pt pickle weights of a checkpoint that has no safetensors. Unpickling can run
+    code: only for checkpoints you trust."""
+    trust_remote_code: bool = option(
+        "let diffusers import Python code that ships with the checkpoint (only for code you trust)",
+        False,
+        kind=RECORDED,
+        group="trust",
+    )
+    """Let diffusers import Python code that ships with the checkpoint (custom components). Only
+    for checkpoints whose code you have read and trust."""
 
     @property
     def gang_size(self) -> int:
@@ -160,8 +367,8 @@ class RenderOptions:
                 "so its output would differ from an uninterrupted one: with --cache, step checkpoints "
                 "are off (drop --step-checkpoint or --cache)"
             )
-        if self.dataset not in DATASETS:
-            raise UsageError(f"--dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.dataset not in SINKS:
+            raise UsageError(f"--dataset {self.dataset!r}: choose one of {', '.join(SINKS)}")
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.dataset != FILES and self.save_frames:
@@ -193,15 +400,19 @@ class RenderOptions:
                 raise UsageError(f"--frames: {problem} ({spec.name} takes {spec.frames.describe()} frames)")
 
     def resolved(self, spec: ModelSpec) -> RenderOptions:
-        """These options with every per-model default filled in (format, quality, memory)."""
+        """These options with every per-model default filled in (format, quality, memory, row
+        defaults: every option whose None stands for the model's value)."""
         fmt = self.format or ("mp4" if spec.kind == "video" else "png")
+        from_model = {
+            name: getattr(spec, how.spec_field)
+            for name, _, _, how in declared()
+            if how.spec_field and getattr(self, name) is None
+        }
         return replace(
             self,
+            **from_model,
             format=fmt,
             quality=self.quality or DEFAULT_QUALITY[fmt],
-            vae_tiling=spec.vae_tiling if self.vae_tiling is None else self.vae_tiling,
-            vae_slicing=spec.vae_slicing if self.vae_slicing is None else self.vae_slicing,
-            cpu_offload=spec.cpu_offload if self.cpu_offload is None else self.cpu_offload,
             cache_threshold=FIRST_BLOCK_THRESHOLD
             if self.cache == FIRST_BLOCK and self.cache_threshold is None
             else self.cache_threshold,
@@ -210,3 +421,30 @@ class RenderOptions:
             if self.cache != NO_CACHE and self.step_checkpoint is None
             else self.step_checkpoint,
         )
+
+    def row_defaults(self) -> dict[str, Any]:
+        """ModelSpec field -> the value given for it (None: the model's), for `with_defaults`."""
+        return {
+            how.spec_field: getattr(self, name) for name, _, _, how in declared() if how.group == ROW_DEFAULTS
+        }
+
+    def job_settings(self, spec: ModelSpec, columns: list[str]) -> JobSettings:
+        """The job record of these (resolved) options with `spec` and the manifest's `columns`."""
+        settings: dict[str, Any] = {}
+        recorded: dict[str, Any] = {}
+        for name, _, _, how in declared():
+            value = getattr(self, name)
+            if how.kind == OUTPUT:
+                settings[how.spec_field or name] = how.record(value, spec) if how.record else value
+            elif how.kind == RECORDED:
+                recorded[name] = value
+        settings["columns"] = list(columns)
+        return JobSettings(settings, job_flags(), recorded)
+
+    def worker_values(self) -> dict[str, Any]:
+        """The options every worker receives (Option.worker), by WorkerSettings field."""
+        return {
+            name: bool(getattr(self, name)) if annotation == "bool | None" else getattr(self, name)
+            for name, annotation, _, how in declared()
+            if how.worker
+        }

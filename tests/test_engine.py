@@ -257,3 +257,49 @@ def test_a_row_renders_the_same_alone_in_a_batch_and_with_other_replica_counts(r
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(np.asarray(stock).astype(int), images["alone"])
+
+
+# -- the option declarations (cogdist.options) --------------------------------------------------
+
+
+def test_worker_settings_are_the_options_declared_for_workers():
+    from dataclasses import fields
+
+    from cogdist.options import declared
+    from cogdist.worker.worker import WorkerSettings
+
+    declared_for_workers = {name for name, _, _, how in declared() if how.worker}
+    assert {f.name for f in fields(WorkerSettings)} == declared_for_workers | {"threads", "return_outputs"}
+    options = RenderOptions(
+        "m", "tiny-cogview4", "o", vae_tiling=True, collective_timeout=12.0, dataset="parquet"
+    )
+    settings = engine.worker_settings(options, threads=3)
+    assert (settings.vae_tiling, settings.collective_timeout, settings.threads) == (True, 12.0, 3)
+    assert settings.return_outputs and not engine.worker_settings(RenderOptions("m", "x", "o")).return_outputs
+    # The options share the worker's defaults (written once, in WorkerSettings).
+    assert RenderOptions("m", "x", "o").collective_timeout == WorkerSettings().collective_timeout
+
+
+def test_job_settings_keep_the_record_keys_and_rules(tmp_path):
+    from cogdist.models.registry import PRESETS, with_defaults
+    from tests.test_job_record_compat import RECORDED_KEYS
+
+    spec = with_defaults(PRESETS["tiny-cogview4"], num_inference_steps=6)
+    options = RenderOptions("m", "tiny-cogview4", "o", steps=6, replicas=3)
+    job = options.resolved(spec).job_settings(spec, ["id", "prompt"])
+    assert sorted(job.settings) == sorted(RECORDED_KEYS)
+    assert job.settings["num_inference_steps"] == 6 and job.settings["model"] == spec.name
+    assert (job.settings["dataset"], job.settings["cache"], job.settings["vae_tiling"]) == (None, None, False)
+    assert job.settings["columns"] == ["id", "prompt"]
+    assert job.flags["num_inference_steps"] == "--steps"
+    # Recorded only: free to change on resume, and never the paths or address (credentials).
+    assert job.recorded["replicas"] == 3 and not {"manifest", "out", "address"} & set(job.recorded)
+    assert not set(job.recorded) & set(job.settings)
+
+
+def test_reserved_manifest_columns_are_the_index_columns_the_manifest_lacks():
+    from cogdist.manifest.schema import COLUMNS, RESERVED
+    from cogdist.sink.ledger import RESULT_FIELDS
+
+    assert set(RESERVED) == {f.name for f in RESULT_FIELDS} - set(COLUMNS)
+    assert "sample_key" in RESERVED and "seed" not in RESERVED

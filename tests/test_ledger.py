@@ -7,6 +7,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from cogdist.errors import ResumeConflictError
+from cogdist.options import job_flags
 from cogdist.sink.job import JobSettings, check_resume, clear_outputs, write_job_record
 from cogdist.sink.ledger import INDEX, RESULT_FIELDS, PartWriter, index_schema, now_utc, read_ids
 from cogdist.storage import open_location
@@ -84,9 +85,9 @@ def settings(**changes) -> JobSettings:
         format="png",
         quality=95,
         dtype="auto",
-        columns=("id", "prompt"),
+        columns=["id", "prompt"],
     )
-    return JobSettings(**{**base, **changes})
+    return JobSettings({**base, **changes}, job_flags())
 
 
 def test_resume_conflicts_name_each_setting(tmp_path):

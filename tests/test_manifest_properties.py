@@ -26,7 +26,9 @@ from hypothesis import strategies as st
 from cogdist.errors import CogdistError, ManifestError
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.manifest.rows import RowDefaults, work_items
-from cogdist.manifest.validate import _ACCEPTED_URI, COLUMNS, MAX_STEPS, _uri_problem
+from cogdist.manifest.schema import COLUMNS
+from cogdist.manifest.uris import ACCEPTED_URI, uri_problem
+from cogdist.manifest.validate import MAX_STEPS
 from cogdist.models.registry import VIDEO_TO_VIDEO, ModelSpec, resolve_model
 from cogdist.scheduler.pending import pending_rows, scan_pending
 from cogdist.sink.naming import OUTPUTS, frames_folder, output_path
@@ -551,12 +553,12 @@ def test_distinct_ids_get_distinct_names_inside_out(item_ids):
 @given(st.one_of(uris, st.text(), st.sampled_from(GOOD_URIS + BAD_URIS)))
 def test_the_uri_rule_is_one_rule(uri):
     """The columnar pattern, its worded twin, and urllib's reading agree on every string."""
-    accepted_by_pattern = pc.match_substring_regex(pa.array([uri]), _ACCEPTED_URI)[0].as_py()
+    accepted_by_pattern = pc.match_substring_regex(pa.array([uri]), ACCEPTED_URI)[0].as_py()
     if "://" in uri:
-        assert accepted_by_pattern == (_uri_problem(uri) is None), uri
+        assert accepted_by_pattern == (uri_problem(uri) is None), uri
     else:
-        assert _uri_problem(uri) is None
-    if _uri_problem(uri) is None:
+        assert uri_problem(uri) is None
+    if uri_problem(uri) is None:
         assert not uri_is_hostile(uri), uri
 
 

@@ -4,16 +4,12 @@ Checks are vectorised with pyarrow.compute, one record batch at a time; Python o
 rows that fail, to word their message. Duplicate ids are found across all files from the id
 column alone, so memory grows with the ids, never with the prompts.
 
-Conditioning inputs (`image`, `video`) are read by the workers with the job's own credentials,
-so a manifest may name an object but never how to reach it: URIs carrying credentials, query
-options (`?endpoint_override=...`) or a scheme other than file://, s3://, s3a://, gs:// are
-refused, and their values are shown redacted.
+The vocabulary (columns and kinds) is in cogdist.manifest.schema, the rule for input URIs in
+cogdist.manifest.uris.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cogdist.errors import ManifestError, ManifestProblem
+from cogdist.manifest.schema import COLUMNS, CONDITIONING, INTEGER, NULL_AS, NUMBER, check_schema
 from cogdist.manifest.source import ManifestBatch, ManifestSource
+from cogdist.manifest.uris import ACCEPTED_URI, public_uri, uri_problem
 from cogdist.models.registry import TASK_INPUT, VIDEO_TO_VIDEO, ModelSpec
-from cogdist.storage import redact
 
 MAX_REPORTED = 20
 INT64_MAX = 2**63 - 1
@@ -32,96 +29,11 @@ INT64_MAX = 2**63 - 1
 # of these models needs more; a larger count would hold a GPU for days or exhaust its memory.
 MAX_STEPS = 1000
 
-STRING, INTEGER, NUMBER = "string", "integer", "number"
-
-# name -> kind of the manifest columns cogdist reads; any other column is carried into the index.
-COLUMNS: dict[str, str] = {
-    "id": STRING,
-    "prompt": STRING,
-    "negative_prompt": STRING,
-    "seed": INTEGER,
-    "width": INTEGER,
-    "height": INTEGER,
-    "num_frames": INTEGER,
-    "num_inference_steps": INTEGER,
-    "guidance_scale": NUMBER,
-    "image": STRING,
-    "video": STRING,
-    "strength": NUMBER,
-    "fps": NUMBER,
-}
-REQUIRED = ("id", "prompt")
-CONDITIONING = ("image", "video", "strength")
-
-# Columns cogdist adds to the index; a manifest column of the same name would be ambiguous.
-RESERVED = (
-    "uri",
-    "path",
-    "model",
-    "format",
-    "bytes",
-    "sha256",
-    "sample_key",
-    "render_seconds",
-    "replica",
-    "finished_at",
-    "attempts",
-    "task",
-    "duration",
-    "frames_path",
-)
-
-_KIND_CHECK: dict[str, Callable[[pa.DataType], bool]] = {
-    STRING: lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t),
-    INTEGER: lambda t: pa.types.is_integer(t) or pa.types.is_null(t),
-    NUMBER: lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t),
-}
-
-
-_NULL_AS = {STRING: pa.string(), INTEGER: pa.int64(), NUMBER: pa.float64()}
-
-# Input URIs a manifest may name (anything without "://" is a local path, as in cogdist.storage):
-# a bucket and a key, or a local file; nothing that picks an endpoint, credentials or options.
-# The same rule twice: as an RE2 pattern for whole columns, and in Python (_uri_problem) to word
-# the rows it refuses. ASCII classes, not (?i): case folding would accept "ſ3://".
-INPUT_SCHEMES = ("file", "s3", "s3a", "gs")
-_BUCKET = re.compile(r"[A-Za-z0-9._-]+")
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-_ACCEPTED_URI = (
-    r"^(?:(?:[Ss]3[Aa]?|[Gg][Ss])://[A-Za-z0-9._-]+|[Ff][Ii][Ll][Ee]://(?:localhost)?)(?:/[^?#]*)?$"
-)
-
 
 @dataclass(frozen=True)
 class ValidationReport:
     rows: int
     files: int
-
-
-def check_schema(schema: pa.Schema) -> list[ManifestProblem]:
-    problems = []
-    for name in REQUIRED:
-        if name not in schema.names:
-            problems.append(
-                ManifestProblem(
-                    f"required column is missing (columns: {', '.join(schema.names)})", column=name
-                )
-            )
-    for field in schema:
-        kind = COLUMNS.get(field.name)
-        if kind is not None and not _KIND_CHECK[kind](field.type):
-            problems.append(ManifestProblem(f"has type {field.type}; expected {kind}", column=field.name))
-        if field.name in RESERVED:
-            problems.append(
-                ManifestProblem(
-                    "is a name cogdist writes into the index; rename this column", column=field.name
-                )
-            )
-    # Columns are read and carried into the index by name: a repeated name is ambiguous.
-    for name in dict.fromkeys(schema.names):
-        if len(schema.get_all_field_indices(name)) > 1:
-            problems.append(ManifestProblem("appears more than once", column=name))
-    return problems
 
 
 def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationReport:
@@ -189,7 +101,7 @@ class _BatchChecker:
         if kind is None:
             return values
         if pa.types.is_null(values.type):  # an all-null column: give it its kind's type
-            return pc.cast(values, _NULL_AS[kind])
+            return pc.cast(values, NULL_AS[kind])
         if kind == INTEGER and values.type != pa.int64():
             if values.type == pa.uint64():
                 too_big = pc.greater(values, pa.scalar(INT64_MAX, pa.uint64()))
@@ -211,7 +123,7 @@ class _BatchChecker:
             return None
         value = _as_py(self.part.batch.column(column), index)
         if column in ("image", "video") and isinstance(value, str):
-            value = _public_uri(value)  # may hold credentials
+            value = public_uri(value)  # may hold credentials
         return value
 
     def flag(self, mask: pa.Array, column: str, reason: Callable[[int], str] | str) -> None:
@@ -263,67 +175,6 @@ def _as_py(values: pa.Array, index: int) -> object:
             raw = pc.cast(values.slice(index, 1), pa.large_binary())[0].as_py()
             return raw.decode("utf-8", "backslashreplace")
         return "<not valid UTF-8>"
-
-
-def _public_uri(uri: str) -> str:
-    """`uri` as a message may show it: more than storage.redact masks, since a refused URI may be
-    malformed anywhere: user info, every query value and any fragment; all of it when what
-    precedes "://" is not even a scheme."""
-    if "://" not in uri:
-        return uri
-    scheme, _, rest = uri.partition("://")
-    if not _SCHEME.fullmatch(scheme):
-        return "***"
-    with contextlib.suppress(ValueError):  # urllib refuses some malformed hosts ("["): mask below
-        rest = redact(uri).partition("://")[2]
-    cut = re.search(r"[/?#]", rest)
-    host, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
-    if "@" in host:
-        host = "***@" + host.rsplit("@", 1)[1]
-    tail, hash_, _ = tail.partition("#")
-    path, question, query = tail.partition("?")
-    if question:
-        path += "?" + "&".join(f"{item.partition('=')[0]}=***" for item in query.split("&"))
-    return f"{scheme}://{host}{path}" + ("#***" if hash_ else "")
-
-
-def _uri_problem(uri: str) -> str | None:
-    """Why a manifest may not name `uri` as an input, or None; the rule of _ACCEPTED_URI, worded.
-    Reasons quote nothing of the URI but a well-formed scheme: the value is shown masked."""
-    if "://" not in uri:
-        return None  # a local path
-    scheme, _, rest = uri.partition("://")
-    host = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    kind = scheme.lower() if scheme.isascii() else scheme
-    if kind not in INPUT_SCHEMES:
-        what = (
-            f"{scheme!r} is not a scheme" if _SCHEME.fullmatch(scheme) else "what precedes '://' is no scheme"
-        )
-        return f"{what} cogdist reads inputs from; use a local path, file://, s3://, s3a:// or gs://"
-    if "@" in host:
-        return (
-            "carries credentials (user:password@); inputs are read with the job's own credentials, "
-            "so a manifest may not name others"
-        )
-    if "?" in rest:
-        return (
-            "carries query options ('?...'); a manifest may not choose the endpoint, credentials "
-            "or other storage options of an input: they are the job's own"
-        )
-    if "#" in rest:
-        return "has a '#' fragment, which would be dropped from the object's name"
-    if kind == "file":
-        if host not in ("", "localhost"):
-            return "a file:// URI names no host; write file:///absolute/path"
-        return None
-    if not host:
-        return f"names no bucket; write {kind}://bucket/key"
-    if not _BUCKET.fullmatch(host):
-        return (
-            "its bucket name holds a port or other characters a bucket name cannot hold; "
-            f"write {kind}://bucket/key (the endpoint is the job's own)"
-        )
-    return None
 
 
 def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> _BatchChecker:
@@ -464,11 +315,11 @@ def _check_input_uris(check: _BatchChecker, spec: ModelSpec) -> None:
         if values is None or name not in spec.conditioning:
             continue
         is_uri = pc.match_substring(values, "://")
-        accepted = pc.match_substring_regex(values, _ACCEPTED_URI)
+        accepted = pc.match_substring_regex(values, ACCEPTED_URI)
 
         def reason(i: int, name: str = name) -> str:
             text = _as_py(check.part.batch.column(name), i)
-            problem = _uri_problem(text) if isinstance(text, str) else None
+            problem = uri_problem(text) if isinstance(text, str) else None
             return problem or "is not an input URI cogdist reads"
 
         check.flag(pc.and_(is_uri, pc.invert(accepted)), name, reason)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cogdist._version import __version__
 from cogdist.errors import ResumeConflictError
@@ -27,48 +28,14 @@ OWNED_FILES = (REPORT_HTML, REPORT_PNG)  # `cogdist report`'s default files, whi
 
 @dataclass(frozen=True)
 class JobSettings:
-    """Settings that change what an output looks like. Equal settings: a resume may continue."""
+    """What OUT's job was started with (derived from the option declarations, cogdist.options)."""
 
-    model: str
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    format: str
-    quality: int
-    dtype: str
-    columns: tuple[str, ...]
-    """The manifest's columns, which shape the index."""
-    num_frames: int | None = None
-    fps: float | None = None
-    vae_tiling: bool = False
-    """Tiled decoding blends tiles, which changes pixels slightly."""
-    save_frames: bool = False
-    dataset: str | None = None
-    """--dataset webdataset or parquet; None: one file per row."""
-    cache: str | None = None
-    """--cache: a step cache skips transformer work and changes pixels; None: no cache."""
-    cache_threshold: float | None = None
-
-
-_FLAGS = {
-    "model": "--model",
-    "width": "--width",
-    "height": "--height",
-    "num_inference_steps": "--steps",
-    "guidance_scale": "--guidance",
-    "format": "--format",
-    "quality": "--quality",
-    "dtype": "--dtype",
-    "columns": "the manifest's columns",
-    "num_frames": "--frames",
-    "fps": "--fps",
-    "vae_tiling": "--vae-tiling",
-    "save_frames": "--save-frames",
-    "dataset": "--dataset",
-    "cache": "--cache",
-    "cache_threshold": "--cache-threshold",
-}
+    settings: dict[str, Any]
+    """What shapes the outputs and the index (job.json's "settings"): a resume must match them."""
+    flags: dict[str, str]
+    """How a conflict message names each key of `settings` (e.g. "--steps")."""
+    recorded: dict[str, Any] = field(default_factory=dict)
+    """Options kept for the record (job.json's "recorded"): a resume may change them."""
 
 
 def check_resume(out: Location, settings: JobSettings) -> bool:
@@ -76,12 +43,10 @@ def check_resume(out: Location, settings: JobSettings) -> bool:
     if not out.exists(JOB_RECORD):
         return False
     recorded = json.loads(out.read_bytes(JOB_RECORD))["settings"]
-    ours = asdict(settings)
-    ours["columns"] = list(settings.columns)
     # A setting an older record lacks was off (or did not apply) then.
     differences = [
-        f"  {_FLAGS[name]}: {recorded.get(name)!r} in OUT, {value!r} now"
-        for name, value in ours.items()
+        f"  {settings.flags[name]}: {recorded.get(name)!r} in OUT, {value!r} now"
+        for name, value in settings.settings.items()
         if recorded.get(name) != value and (name in recorded or value)
     ]
     if differences:
@@ -96,7 +61,8 @@ def check_resume(out: Location, settings: JobSettings) -> bool:
 
 def write_job_record(out: Location, settings: JobSettings) -> None:
     record = {
-        "settings": {**asdict(settings), "columns": list(settings.columns)},
+        "settings": settings.settings,
+        "recorded": settings.recorded,
         "cogdist_version": __version__,
         "created_at": now_utc().isoformat(),
     }

@@ -12,13 +12,17 @@ import io
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from cogdist.storage import Location
+from cogdist.work import ItemResult, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +30,76 @@ INDEX = "index"
 FAILURES = "failures"
 QUARANTINE = "_cogdist/quarantine"
 
-# Columns cogdist writes into every index row, after the manifest's own columns. Manifest
-# columns of the same name (seed, width, ...) are replaced by the effective values.
-RESULT_FIELDS = [
-    pa.field("uri", pa.string()),
-    pa.field("path", pa.string()),
-    pa.field("seed", pa.int64()),
-    pa.field("width", pa.int64()),
-    pa.field("height", pa.int64()),
-    pa.field("num_frames", pa.int64()),
-    pa.field("fps", pa.float64()),
-    pa.field("duration", pa.float64()),
-    pa.field("task", pa.string()),
-    pa.field("frames_path", pa.string()),
-    pa.field("num_inference_steps", pa.int64()),
-    pa.field("guidance_scale", pa.float64()),
-    pa.field("model", pa.string()),
-    pa.field("format", pa.string()),
-    pa.field("bytes", pa.int64()),
-    pa.field("sha256", pa.string()),
-    pa.field("sample_key", pa.string()),
-    pa.field("render_seconds", pa.float64()),
-    pa.field("replica", pa.int64()),
-    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
-    pa.field("attempts", pa.int64()),
-]
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one index row is made of: a rendered row and where and how it was stored."""
+
+    item: WorkItem
+    result: ItemResult
+    attempts: int
+    out: Location
+    model: str
+    format: str
+    replica: int | None
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column cogdist writes into every index row: its type and its value."""
+
+    field: pa.Field
+    value: Callable[[Outcome], Any] | None
+    """None: written by the sink that stores the output (a shard's sample key)."""
+
+
+def _frames(o: Outcome) -> int | None:
+    return o.result.frames or o.item.num_frames
+
+
+def _duration(o: Outcome) -> float | None:
+    frames = _frames(o)
+    return frames / o.item.fps if frames and o.item.fps else None
+
+
+# The columns of every index row, after the manifest's own, declared once: the index schema, the
+# rows the sinks write and the manifest's reserved names derive from them. Manifest columns of
+# the same name (seed, width, ...) are replaced by the effective values.
+RESULT_COLUMNS = (
+    Column(pa.field("uri", pa.string()), lambda o: o.out.uri_of(o.item.output)),
+    Column(pa.field("path", pa.string()), lambda o: o.item.output),
+    Column(pa.field("seed", pa.int64()), lambda o: o.item.seed),
+    Column(pa.field("width", pa.int64()), lambda o: o.item.width),
+    Column(pa.field("height", pa.int64()), lambda o: o.item.height),
+    Column(pa.field("num_frames", pa.int64()), _frames),
+    Column(pa.field("fps", pa.float64()), lambda o: o.item.fps),
+    Column(pa.field("duration", pa.float64()), _duration),
+    Column(pa.field("task", pa.string()), lambda o: o.item.task),
+    Column(pa.field("frames_path", pa.string()), lambda o: o.item.frames_dir),
+    Column(pa.field("num_inference_steps", pa.int64()), lambda o: o.item.num_inference_steps),
+    Column(pa.field("guidance_scale", pa.float64()), lambda o: o.item.guidance_scale),
+    Column(pa.field("model", pa.string()), lambda o: o.model),
+    Column(pa.field("format", pa.string()), lambda o: o.format),
+    Column(pa.field("bytes", pa.int64()), lambda o: o.result.bytes_written),
+    Column(pa.field("sha256", pa.string()), lambda o: o.result.sha256),
+    Column(pa.field("sample_key", pa.string()), None),
+    Column(pa.field("render_seconds", pa.float64()), lambda o: o.result.render_seconds),
+    Column(pa.field("replica", pa.int64()), lambda o: o.replica),
+    Column(pa.field("finished_at", pa.timestamp("ms", tz="UTC")), lambda o: now_utc()),
+    Column(pa.field("attempts", pa.int64()), lambda o: o.attempts),
+)
+RESULT_FIELDS = [column.field for column in RESULT_COLUMNS]
+
+
+def index_row(manifest_row: dict, outcome: Outcome) -> dict:
+    """The index row of a rendered manifest row: its own columns, then RESULT_COLUMNS' values."""
+    row = dict(manifest_row)
+    row["id"] = outcome.item.id
+    for column in RESULT_COLUMNS:
+        if column.value is not None:
+            row[column.field.name] = column.value(outcome)
+    return row
+
 
 FAILURE_SCHEMA = pa.schema(
     [

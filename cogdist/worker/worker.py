@@ -39,6 +39,10 @@ _COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection closed by peer", "Connection re
 
 @dataclass(frozen=True)
 class WorkerSettings:
+    """What every worker of a job is given: the RenderOptions declared for workers (same names,
+    resolved values; `cogdist.engine.worker_settings` fills them in) and two of its own (`threads`,
+    `return_outputs`). These defaults are the options' defaults as resolved for a tiny image job."""
+
     format: str = "png"
     quality: int = 95
     dtype: str = "auto"

@@ -1,0 +1,136 @@
+"""The render engine, run in the driver: manifest -> scheduler -> gangs -> sink.
+
+`plan` checks everything that can be checked before Ray starts (model, options, the whole
+manifest, the job record in OUT), so a refused run writes nothing (cogdist.engine.plan). Then
+`RenderLoop` keeps every replica busy and hands finished rows to the job's Sink
+(cogdist.engine.loop, cogdist.sink).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from cogdist.engine.loop import RenderLoop
+from cogdist.engine.plan import Plan, plan, replica_layout, worker_settings
+from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED
+from cogdist.executor.cluster import connect, disconnect
+from cogdist.manifest.rows import RowDefaults
+from cogdist.models.layout import check_layout
+from cogdist.options import RenderOptions
+from cogdist.scheduler import Scheduler
+from cogdist.scheduler.pending import pending_rows, scan_pending
+from cogdist.sink.encode import extension
+from cogdist.sink.job import check_resume, clear_outputs, write_job_record
+from cogdist.sink.ledger import FAILURES, INDEX, read_ids
+from cogdist.worker.worker import RenderWorker
+
+__all__ = ["Plan", "RenderLoop", "RenderSummary", "plan", "replica_layout", "run", "worker_settings"]
+
+
+@dataclass(frozen=True)
+class RenderSummary:
+    """What a render did. `ok` is true when every manifest row is in the index."""
+
+    out: str
+    model: str
+    total: int
+    """Rows in the manifest."""
+    done: int
+    """Rows rendered and indexed by this run."""
+    skipped: int
+    """Rows already in the index when this run started."""
+    failed: int
+    """Rows this run recorded under failures/."""
+    previously_failed: int
+    """Rows an earlier run recorded as failed, skipped now (see retry_failed)."""
+    seconds: float
+    """Wall time of the whole call."""
+    ray_start_seconds: float = 0.0
+    """Starting (or joining) Ray."""
+    startup_seconds: float = 0.0
+    """From the call until the first replica was ready to render (checks, scan, Ray, model load)."""
+    steady_seconds: float = 0.0
+    """From the first replica ready until the last row was committed (shutdown excluded)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped + self.done == self.total
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.ok else EXIT_ROWS_FAILED
+
+    def describe(self) -> str:
+        rate = self.done / self.seconds if self.seconds else 0.0
+        text = (
+            f"{self.done} rendered, {self.skipped} already done, {self.failed} failed"
+            f"{f', {self.previously_failed} failed earlier (not retried)' if self.previously_failed else ''}"
+            f" of {self.total} rows in {self.seconds:.1f}s ({rate:.2f} items/s) -> {self.out}"
+        )
+        if self.failed or self.previously_failed:
+            text += (
+                f"\n{self.failed + self.previously_failed} row(s) are recorded in {self.out}/{FAILURES}; "
+                "`cogdist status` lists them, --retry-failed renders them again"
+            )
+        return text
+
+
+def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderSummary:
+    """Render every pending row of the manifest; see `cogdist.render` for the user-facing API."""
+    started = time.perf_counter()
+    job = plan(options)
+    out = job.out
+    if options.overwrite:
+        clear_outputs(out)
+    if not check_resume(out, job.settings):
+        write_job_record(out, job.settings)
+    for folder in (INDEX, FAILURES):
+        out.sweep_temporary(folder)
+
+    done_ids = read_ids(out, INDEX)
+    failed_ids = pa.array([], pa.string()) if options.retry_failed else read_ids(out, FAILURES)
+    counts = scan_pending(job.source, done_ids, failed_ids)
+    log_line = (
+        f"cogdist: {counts.total} rows in manifest, {counts.done} already done"
+        + (f", {counts.failed} failed earlier (skipped)" if counts.failed else "")
+        + f", {counts.pending} to render with {job.spec.name} -> {out.public_uri}"
+    )
+    if options.progress:
+        print(log_line, file=sys.stderr, flush=True)
+
+    def summary(loop: RenderLoop | None = None, ray_seconds: float = 0.0) -> RenderSummary:
+        return RenderSummary(
+            out=out.public_uri,
+            model=job.spec.name,
+            total=counts.total,
+            done=loop.done if loop else 0,
+            skipped=counts.done,
+            failed=loop.failed if loop else 0,
+            previously_failed=counts.failed,
+            seconds=time.perf_counter() - started,
+            ray_start_seconds=ray_seconds,
+            startup_seconds=loop.first_ready - started if loop and loop.first_ready else 0.0,
+            steady_seconds=loop.last_commit - loop.first_ready if loop and loop.first_ready else 0.0,
+        )
+
+    if counts.pending == 0:
+        return summary()
+
+    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
+    rows = pending_rows(job.source, counts, job.spec, defaults)
+    scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
+    embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.gang_size)
+    cluster = connect(options.address, num_cpus=embedded_cpus)
+    try:
+        if cluster.gpus >= 1:  # a gang's GPUs must share a node
+            check_layout(job.spec, options.sp, options.cfg_parallel, cluster.max_node_gpus)
+        loop = RenderLoop(job, cluster, scheduler, counts, worker_class)
+        loop.run()
+    finally:
+        disconnect(cluster)
+    return summary(loop, cluster.start_seconds)
