@@ -55,6 +55,8 @@ def models() -> list[ModelSpec]:
 
 @dataclass(frozen=True)
 class JobStatus:
+    """Where the job in an OUT stands (see `status`)."""
+
     out: str
     model: str
     done: int
@@ -67,6 +69,11 @@ class JobStatus:
 
 
 def status(out: str, manifest: str | None = None) -> JobStatus:
+    """Done, failed (latest error per id) and, given the `manifest`, pending rows of the job in `out`.
+
+    Reads only OUT (and the manifest's ids): safe while a render is running. Raises UsageError
+    when `out` holds no cogdist job.
+    """
     location = open_location(out)
     if not location.exists(JOB_RECORD):
         raise UsageError(f"{location.public_uri} holds no cogdist job (no {JOB_RECORD})")

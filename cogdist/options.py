@@ -51,7 +51,7 @@ class Option:
     kind: str = UNRECORDED
     """OUTPUT, RECORDED or UNRECORDED."""
     worker: bool = False
-    """Every worker receives it (a WorkerSettings field of the same name)."""
+    """Every worker receives it (a WorkerSettings field of the same name, see `worker_values`)."""
     flag: str | None = None
     """The CLI's spelling; default "--" and the name with dashes; "" for a positional argument."""
     group: str | None = None
@@ -91,7 +91,8 @@ def job_flags() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """Everything a render is asked to do: the manifest, model and OUT, and every knob.
+    """Everything a render is asked to do: the manifest, model and OUT, and every knob (where a
+    field's docstring is missing, its help says it all).
 
     Fields are declared in the order `cogdist render --help` lists them; each one's metadata is
     its Option. `check` refuses what cannot work with the model; `resolved` fills in what the
@@ -99,7 +100,6 @@ class RenderOptions:
     """
 
     manifest: str = option("Parquet file, folder or glob; local path or s3:// / gs:// URI", flag="")
-    """Parquet file, folder or glob; local path or object-store URI."""
     model: str = option(
         "preset (see `cogdist models`), HF repo id or local folder",
         kind=OUTPUT,
@@ -107,7 +107,6 @@ class RenderOptions:
     )
     """Preset name, Hugging Face repo id, or folder holding model_index.json."""
     out: str = option("output folder or s3:// / gs:// prefix")
-    """Output folder or object-store prefix."""
     replicas: int | None = option(
         "gangs in parallel (default: one per GPU, 2 without GPUs)", None, kind=RECORDED
     )
@@ -231,13 +230,10 @@ class RenderOptions:
     """--cache first-block: relative change of the first block's output below which the other
     blocks are skipped (default FIRST_BLOCK_THRESHOLD); higher skips more."""
     address: str | None = option("Ray cluster address (default: $RAY_ADDRESS, else a local instance)", None)
-    """Ray cluster to join; default: $RAY_ADDRESS, else a local instance started in process."""
     cpus_per_worker: float | None = option("logical CPUs reserved per worker", None, kind=RECORDED)
     """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
     overwrite: bool = option("start over: remove what an earlier job wrote to OUT", False)
-    """Start over: remove what a previous job wrote under OUT instead of resuming it."""
     retry_failed: bool = option("render rows recorded under failures/ again", False)
-    """Render rows recorded under failures/ again instead of skipping them."""
     storage_timeout: float = option(
         "seconds reads and writes of OUT are retried before the run stops (default %(default).0f)",
         RETRY_SECONDS,
@@ -266,7 +262,6 @@ class RenderOptions:
     resumes from its last checkpoint. None: every CHECKPOINT_SECONDS of an item's denoising (only
     long items are saved); 0: never."""
     progress: bool = option("no progress bar", True, flag="--no-progress")
-    """Show a progress bar on stderr."""
     width: int | None = option(
         "default width (model's default otherwise)", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="width"
     )

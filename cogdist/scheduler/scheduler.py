@@ -21,23 +21,35 @@ class Row:
 
     item: WorkItem
     manifest_row: dict
-    attempts: int = 0  # renders that raised an error for this row
-    crashes: int = 0  # renders lost because their worker died
+    attempts: int = 0
+    """Renders that raised an error for this row."""
+    crashes: int = 0
+    """Renders lost because their worker died."""
 
 
 @dataclass(frozen=True)
 class Finished:
+    """A row rendered and stored, with its worker's result."""
+
     row: Row
     result: ItemResult
 
 
 @dataclass(frozen=True)
 class Failed:
+    """A row that failed for good (retries spent), with its last error."""
+
     row: Row
     error: str
 
 
 class Scheduler:
+    """The driver's queue of work: streams pending rows, buckets them by shape into units of up to
+    `batch_size` rows, hands out units (`next_unit`), and takes back what they did: `complete`
+    returns the finished rows, `unit_failed` / `unit_lost` retry rows (up to `max_retries` errors,
+    `max_crashes` lost gangs) and return those that failed for good. `finished` when all is done.
+    """
+
     def __init__(
         self,
         rows: Iterator[tuple[WorkItem, dict]],
