@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cogdist.models.spec import FamilyRunner
     from cogdist.worker.worker import RenderWorker
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +72,8 @@ def timings(summary) -> dict:
 def set_up_worker(model: str, out: str | None = None, **settings: Any) -> RenderWorker:
     """A RenderWorker for `model` (a preset, repo id or folder, as `--model` takes), set up in this
     process exactly as the one worker of a one-GPU replica is set up: its pipeline is `worker.pipe`
-    on `worker.device`; `worker.render(WorkUnit(...))` renders rows and writes them under `out`
+    on `worker.device`, its family `worker.family` (the FamilySpec) and `worker.runner` (the
+    FamilyRunner); `worker.render(WorkUnit(...))` renders rows and writes them under `out`
     (default: a folder in the temp dir, which benchmarks that only use the pipeline never write).
 
     `settings`: WorkerSettings fields; VAE tiling, slicing and CPU offload default to the model's,
@@ -92,10 +94,10 @@ def set_up_worker(model: str, out: str | None = None, **settings: Any) -> Render
     return worker
 
 
-def family_runner(family: str):
-    """The torch side of a model family: what `RenderWorker.setup` loads the pipeline with and
-    `worker.render` renders through (its `render(pipe, items, device, inputs)` returns the pixels
-    that the worker then encodes and writes)."""
-    from cogdist.models import family_module
+def family_runner(family: str) -> FamilyRunner:
+    """The torch side of a model family, for a pipeline that no worker built (`worker.runner` is
+    the same object): its `render(pipe, items, device, inputs)` returns the pixels that
+    `worker.render` encodes and writes."""
+    from cogdist.models.registry import family as family_spec
 
-    return family_module(family)
+    return family_spec(family).load_runner()

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 import cogdist
-from benchmarks.common import RESULTS, family_runner, save, set_up_worker
+from benchmarks.common import RESULTS, save, set_up_worker
 from cogdist.sink.encode import encode_image, encode_video
 from cogdist.worker.inputs import load_image, load_video
 
@@ -66,8 +67,12 @@ def plain_loop(preset: str, task: str, rows: list[dict], out: Path) -> float:
     """The stock pipeline of the task, row by row, writing the same files cogdist writes."""
     worker = set_up_worker(preset)
     spec, pipe = worker.spec, worker.pipe
-    family = family_runner(spec.family)
-    pipe = family.PIPELINES[task](**pipe.components) if hasattr(family, "PIPELINES") else pipe
+    # The task's stock pipeline (its family declares the class) over the loaded components, as the
+    # runner makes it: the loaded pipeline itself when it is of that class.
+    wanted = worker.family.pipelines[task]
+    if type(pipe).__name__ != wanted:
+        pipe = getattr(diffusers, wanted)(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
     out.mkdir(parents=True)
     start = time.perf_counter()
     for row in rows:

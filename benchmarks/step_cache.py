@@ -2,7 +2,7 @@
 
     python -m benchmarks.step_cache [--steps 50] [--rounds 3] [--threads 1] [--only cogview4]
 
-For each family and each cache kind it supports (cogdist.worker.cache), one row is rendered in
+For each family and each cache kind it supports (its FamilySpec's `step_caches`), one row is rendered in
 process by the family's `render` (what the worker calls) on the pipeline a worker builds, with the tiny random-weight preset at a
 size and step count where the transformer is most of the time: CogView4 at 256x256, CogVideoX at
 128x128 x 17 frames, 50 steps. Rounds are interleaved (every case once per round) and medians
@@ -24,10 +24,11 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, family_runner, save, set_up_worker
+from benchmarks.common import RESULTS, save, set_up_worker
+from cogdist.inputs import Inputs
+from cogdist.models.registry import family as family_spec
 from cogdist.work import WorkItem
-from cogdist.worker.cache import FIRST_BLOCK_THRESHOLD, SUPPORTED, apply_step_cache, remove_step_cache
-from cogdist.worker.inputs import Inputs
+from cogdist.worker.cache import FIRST_BLOCK_THRESHOLD, apply_step_cache, remove_step_cache
 
 # family -> first-block thresholds measured: the default, and one at which the tiny models skip.
 THRESHOLDS = {"cogview4": (FIRST_BLOCK_THRESHOLD, 0.3), "cogvideox": (FIRST_BLOCK_THRESHOLD, 0.5)}
@@ -39,7 +40,7 @@ class Bench:
     def __init__(self, family: str, steps: int):
         self.family = family
         worker = set_up_worker(f"tiny-{family}")
-        self.pipe, self.device, self.runner = worker.pipe, worker.device, family_runner(family)
+        self.pipe, self.device, self.runner = worker.pipe, worker.device, worker.runner
         if family == "cogview4":
             self.row = WorkItem("a", "a small house by a lake", None, 0, 256, 256, steps, 5.0, None, "a.png")
         else:
@@ -90,9 +91,9 @@ class Bench:
 
 
 def cases(family: str) -> list[tuple[str, str, float | None]]:
-    """(label, kind, threshold) of every cache the family supports, the uncached render first."""
+    """(label, kind, threshold) of every cache the family supports (its FamilySpec's step_caches), the uncached render first."""
     found = [("none", "none", None)]
-    for kind in SUPPORTED[family]:
+    for kind in family_spec(family).step_caches:
         if kind == "first-block":
             found += [(f"first-block {t:g}", kind, t) for t in THRESHOLDS[family]]
         else:

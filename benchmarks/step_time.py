@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import family_runner, save, set_up_worker
-from cogdist.models.registry import PRESETS
+from cogdist.inputs import Inputs
+from cogdist.models.registry import PRESETS, sequence_plan
 from cogdist.work import WorkItem
-from cogdist.worker.inputs import Inputs
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoints"
 
@@ -232,7 +232,7 @@ def route_through_dispatcher(transformer: torch.nn.Module) -> dict:
     """Route the stock CogVideoX/CogView4 processors' `F.scaled_dot_product_attention` through
     diffusers' dispatcher, as cogdist does under sequence parallelism, so that a backend setting
     reaches them. Returns the replaced processors, for `restore_processors`."""
-    from cogdist.parallel.sequence import _route_sdpa, dispatched
+    from cogdist.parallel.sequence import dispatched, route_sdpa_through_dispatcher
 
     replaced = {}
     for module in transformer.modules():
@@ -240,7 +240,9 @@ def route_through_dispatcher(transformer: torch.nn.Module) -> dict:
         if processor is not None and not hasattr(processor, "_attention_backend"):
             replaced[module] = processor
             module.processor = dispatched(processor)
-    _route_sdpa()  # a no-op for every processor that is not a dispatched one
+    # The modules whose processors call SDPA themselves, as the family's plan declares them (a
+    # no-op for every processor that is not a dispatched one).
+    route_sdpa_through_dispatcher(sequence_plan(type(transformer).__name__).dispatch)
     return replaced
 
 
@@ -249,11 +251,13 @@ def restore_processors(replaced: dict) -> None:
         module.processor = processor
 
 
-def render_cogdist(pipe, module, item: WorkItem, device: torch.device, priors) -> None:
-    if priors is not None:
-        module.render(pipe, [item], device, [Inputs()], priors=priors)
+def render_cogdist(pipe, runner, item: WorkItem, device: torch.device, priors) -> None:
+    if priors is not None:  # GLM-Image's render given the prior tokens skips the AR stage
+        from cogdist.models.glm_image.runner import render
+
+        render(pipe, [item], device, [Inputs()], priors=priors)
     else:
-        module.render(pipe, [item], device, [Inputs()])
+        runner.render(pipe, [item], device, [Inputs()])
 
 
 def timed_path(render, clock: StepClock, backend: str, count_calls: bool) -> dict:
@@ -302,7 +306,7 @@ def run(
         pipe = tiny_pipeline(name, device, dtype)
     else:
         pipe = real_size_pipeline(name, device, dtype)
-    module = family_runner(family)
+    runner = family_runner(family)
     task = "text-to-video" if frames else "text-to-image"
 
     def work_item(item_steps: int) -> WorkItem:
@@ -312,7 +316,7 @@ def run(
     extra: dict = {}
     priors = None
     if family == "glm_image":  # random prior tokens stand in for the AR stage's
-        from cogdist.models.glm_image import PriorTokens
+        from cogdist.models.glm_image.runner import PriorTokens
 
         codebook = pipe.transformer.config.prior_vq_quantizer_codebook_size
         tokens = torch.randint(
@@ -327,7 +331,7 @@ def run(
     def render(path: str, render_steps: int | None) -> None:
         render_steps = render_steps or steps
         if path == "cogdist":
-            render_cogdist(pipe, module, work_item(render_steps), device, priors)
+            render_cogdist(pipe, runner, work_item(render_steps), device, priors)
         else:
             pipe(
                 prompt=work_item(render_steps).prompt,
