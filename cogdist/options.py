@@ -22,7 +22,6 @@ from cogdist.sink.job import JobSettings
 from cogdist.storage import RETRY_SECONDS
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
-from cogdist.worker.worker import DTYPES, WorkerSettings
 
 # What an option does to a job (Option.kind).
 OUTPUT = "output"
@@ -39,7 +38,7 @@ GROUPS = {
     "trust": "checkpoints you trust (off: safetensors only, no code from the checkpoint)",
 }
 ROW_DEFAULTS = "defaults"
-_WORKER = WorkerSettings()  # the worker's own defaults, which the options share (written once there)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,9 @@ class Option:
     ModelSpec the rows and workers receive."""
     record: Callable[[Any, ModelSpec], Any] | None = None
     """The job record's value, from the resolved value and the model (default: the value)."""
+    worker_default: Any = None
+    """A worker option's WorkerSettings default where the option's own is None for "the model's"
+    (a worker built by hand, as in a benchmark, gets this one); None: the option's default."""
 
 
 def option(help: str, default: object = MISSING, **how: Any) -> Any:
@@ -120,7 +122,7 @@ class RenderOptions:
     """Sequence-parallel degree: GPUs sharing one sample's tokens."""
     collective_timeout: float = option(
         "seconds a gang member waits for a peer before the gang is rebuilt (default %(default).0f)",
-        _WORKER.collective_timeout,
+        600.0,
         kind=RECORDED,
         worker=True,
     )
@@ -151,6 +153,7 @@ class RenderOptions:
         kind=OUTPUT,
         worker=True,
         choices=(*IMAGE_FORMATS, *VIDEO_FORMATS),
+        worker_default="png",
     )
     """Output format: png, jpeg or webp for images (default png); mp4 for videos."""
     quality: int | None = option(
@@ -158,6 +161,7 @@ class RenderOptions:
         None,
         kind=OUTPUT,
         worker=True,
+        worker_default=DEFAULT_QUALITY["png"],
     )
     """JPEG/WebP quality, or MP4 quality (1..100, mapped to H.264 CRF; default 65 = CRF 18)."""
     save_frames: bool = option("video models: also write every frame as a PNG", False, kind=OUTPUT)

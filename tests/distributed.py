@@ -40,12 +40,20 @@ def _to_bytes(value: Any) -> bytes:
 def _rank_main(rank: int, jobs, results) -> None:
     """One rank of the pool: take (layout, port, fn, args) jobs until None."""
     from cogdist.parallel.group import init_gang, leave_gang
+    from cogdist.worker.settings import WorkerSettings
 
     torch.set_num_threads(1)  # ranks share the machine's cores
     while (job := jobs.get()) is not None:
         layout, port, fn, args = job
         try:
-            gang = init_gang(layout, rank, ("127.0.0.1", port), torch.device("cpu"), init_timeout=60)
+            gang = init_gang(
+                layout,
+                rank,
+                ("127.0.0.1", port),
+                torch.device("cpu"),
+                init_timeout=60,
+                collective_timeout=WorkerSettings().collective_timeout,
+            )
             try:
                 results.put((rank, True, _to_bytes(fn(gang, *args))))
             finally:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ray import cloudpickle
 
-from cogdist.worker import RenderWorker
 from cogdist.worker.inputs import InputError
+from cogdist.worker.worker import RenderWorker
 
 
 class PoisonWorker(RenderWorker):

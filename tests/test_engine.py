@@ -266,7 +266,7 @@ def test_worker_settings_are_the_options_declared_for_workers():
     from dataclasses import fields
 
     from cogdist.options import declared
-    from cogdist.worker.worker import WorkerSettings
+    from cogdist.worker.settings import WorkerSettings
 
     declared_for_workers = {name for name, _, _, how in declared() if how.worker}
     assert {f.name for f in fields(WorkerSettings)} == declared_for_workers | {"threads", "return_outputs"}
@@ -276,8 +276,19 @@ def test_worker_settings_are_the_options_declared_for_workers():
     settings = engine.worker_settings(options, threads=3)
     assert (settings.vae_tiling, settings.collective_timeout, settings.threads) == (True, 12.0, 3)
     assert settings.return_outputs and not engine.worker_settings(RenderOptions("m", "x", "o")).return_outputs
-    # The options share the worker's defaults (written once, in WorkerSettings).
-    assert RenderOptions("m", "x", "o").collective_timeout == WorkerSettings().collective_timeout
+    # WorkerSettings is derived from the declarations: the defaults are the options' (written once),
+    # resolved where None stands for the model's, and the worker imports the same class.
+    from cogdist.worker.worker import WorkerSettings as WorkersOwn
+
+    assert WorkersOwn is WorkerSettings
+    defaults = WorkerSettings()
+    assert defaults.collective_timeout == RenderOptions("m", "x", "o").collective_timeout == 600.0
+    assert (defaults.format, defaults.quality, defaults.vae_tiling, defaults.cache) == (
+        "png",
+        95,
+        False,
+        "none",
+    )
 
 
 def test_job_settings_keep_the_record_keys_and_rules(tmp_path):

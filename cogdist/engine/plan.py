@@ -14,7 +14,7 @@ from cogdist.options import RenderOptions
 from cogdist.sink import SINKS
 from cogdist.sink.job import JobSettings
 from cogdist.storage import Location, open_location
-from cogdist.worker.worker import WorkerSettings
+from cogdist.worker.settings import WorkerSettings
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 INIT_TIMEOUT_SECONDS = 60.0
 """How long ranks wait for each other to form the group: a member that never arrives fails fast."""
-COLLECTIVE_TIMEOUT_SECONDS = 600.0
-"""How long a collective may wait for a peer: long enough for a rank-0-only stage (text encoding,
-GLM-Image's autoregressive prior), short enough that a hung peer fails the gang within minutes."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +80,13 @@ def init_gang(
     address: tuple[str, int],
     device: torch.device,
     init_timeout: float = INIT_TIMEOUT_SECONDS,
-    collective_timeout: float = COLLECTIVE_TIMEOUT_SECONDS,
+    *,
+    collective_timeout: float,
 ) -> GangGroup:
-    """Join the gang's process group and build its mesh; a single rank needs neither."""
+    """Join the gang's process group and build its mesh; a single rank needs neither.
+
+    `collective_timeout`: how long a collective may wait for a peer (--collective-timeout: long
+    enough for a rank-0-only stage, short enough that a hung peer fails the gang within minutes)."""
     if layout.world_size == 1:
         return GangGroup(layout, 0, device, None)
     host, port = address

@@ -1,5 +1,5 @@
-"""Workers: the processes that hold a pipeline and render units."""
+"""Workers: the processes that hold a pipeline and render units (`cogdist.worker.worker`).
 
-from cogdist.worker.worker import RenderWorker, WorkerInfo, WorkerSettings
-
-__all__ = ["RenderWorker", "WorkerInfo", "WorkerSettings"]
+Nothing is imported with the package: the driver's option checks import `cogdist.worker.cache`
+without loading the worker itself.
+"""

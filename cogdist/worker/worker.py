@@ -23,52 +23,18 @@ from cogdist.errors import GangBroken
 from cogdist.metrics import timing_steps
 from cogdist.models.registry import ModelSpec
 from cogdist.sink.encode import encode_image, encode_video
-from cogdist.storage import RETRY_SECONDS, open_location
+from cogdist.storage import open_location
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
 from cogdist.worker.cache import apply_step_cache, reset_step_cache
 from cogdist.worker.checkpoint import StepCheckpoints
 from cogdist.worker.inputs import InputError, load_inputs
+from cogdist.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from cogdist.parallel.group import GangGroup
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # How torch reports a failed gloo/NCCL collective when it raises a plain RuntimeError.
 _COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What every worker of a job is given: the RenderOptions declared for workers (same names,
-    resolved values; `cogdist.engine.worker_settings` fills them in) and two of its own (`threads`,
-    `return_outputs`). These defaults are the options' defaults as resolved for a tiny image job."""
-
-    format: str = "png"
-    quality: int = 95
-    dtype: str = "auto"
-    """"auto": the model's GPU dtype on a GPU, its CPU dtype otherwise."""
-    threads: int | None = None
-    """torch intra-op threads on CPU; None leaves torch's default."""
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    cpu_offload: bool = False
-    """Model CPU offload (GPU only: on a CPU there is nothing to offload to)."""
-    sp: int = 1
-    """Sequence-parallel degree of the gang."""
-    cfg_parallel: bool = False
-    """The gang's two halves run the conditional and unconditional passes."""
-    collective_timeout: float = 600.0
-    """Seconds a collective waits for a peer before the gang is declared broken."""
-    storage_timeout: float = RETRY_SECONDS
-    """Seconds a read or write of OUT or of an input is retried through transient errors."""
-    step_checkpoint: int | None = None
-    """Video models: save the denoising state every N steps; None: every CHECKPOINT_SECONDS; 0: never."""
-    return_outputs: bool = False
-    """Return each encoded output to the driver, which writes dataset shards, instead of storing it."""
-    cache: str = "none"
-    """Step cache on the transformer (cogdist.worker.cache): none, first-block, taylorseer or pab."""
-    cache_threshold: float | None = None
-    """--cache first-block's threshold; None: its default."""
 
 
 @dataclass(frozen=True)
