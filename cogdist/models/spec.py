@@ -14,7 +14,6 @@ torch), its `runner.py` the runner.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -330,8 +329,9 @@ class FamilySpec:
     """A checkpoint's model_index.json `_class_name` -> the tasks it renders."""
     from_configs: Callable[[str, str, tuple[str, ...], ConfigReader], ModelSpec]
     """The spec of a checkpoint that is no preset: (name, source, tasks, read) -> ModelSpec."""
-    runner: str
-    """"module:attribute" of its FamilyRunner, imported by `load_runner` (imports torch)."""
+    runner: Callable[[], FamilyRunner]
+    """Imports and returns its FamilyRunner (the torch side), called by `load_runner` only: a
+    function whose body imports the family's runner module, so reading a spec imports no torch."""
     cfg_parallel: str
     """How its pipelines call the transformer per step: BATCHED or PAIRED."""
     sequence_plans: Mapping[str, SequencePlan] = field(default_factory=dict)
@@ -352,10 +352,9 @@ class FamilySpec:
 
     def load_runner(self) -> FamilyRunner:
         """Import the family's torch side."""
-        module, _, attribute = self.runner.partition(":")
-        runner = getattr(importlib.import_module(module), attribute)
+        runner = self.runner()
         if not isinstance(runner, FamilyRunner):
-            raise TypeError(f"{self.runner} is not a FamilyRunner")
+            raise TypeError(f"the {self.name} family's runner {runner!r} is not a FamilyRunner")
         return runner
 
 

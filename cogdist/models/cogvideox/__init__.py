@@ -22,6 +22,7 @@ from cogdist.models.spec import (
     VIDEO_MEMORY_DEFAULTS,
     VIDEO_TO_VIDEO,
     ConfigReader,
+    FamilyRunner,
     FamilySpec,
     FrameRule,
     ModelSpec,
@@ -219,6 +220,12 @@ def from_configs(name: str, source: str, tasks: tuple[str, ...], read: ConfigRea
     )
 
 
+def _runner() -> FamilyRunner:
+    from cogdist.models.cogvideox.runner import RUNNER  # torch: imported only when a worker loads
+
+    return RUNNER
+
+
 SPEC = FamilySpec(
     name=NAME,
     presets=_presets(),
@@ -235,7 +242,7 @@ SPEC = FamilySpec(
         "CogVideoXFunControlPipeline": (CONTROL_TO_VIDEO,),
     },
     from_configs=from_configs,
-    runner="cogdist.models.cogvideox.runner:RUNNER",
+    runner=_runner,
     # The pipeline calls the transformer once per step on the batch [uncond; cond].
     cfg_parallel=BATCHED,
     sequence_plans={

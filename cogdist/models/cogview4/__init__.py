@@ -15,6 +15,7 @@ from cogdist.models.spec import (
     TEXT_TO_IMAGE,
     TOKENS,
     ConfigReader,
+    FamilyRunner,
     FamilySpec,
     ModelSpec,
     SequencePlan,
@@ -83,13 +84,20 @@ _TWO_CALLS = (
     "would hand the second the first one's attention"
 )
 
+
+def _runner() -> FamilyRunner:
+    from cogdist.models.cogview4.runner import RUNNER  # torch: imported only when a worker loads
+
+    return RUNNER
+
+
 SPEC = FamilySpec(
     name=NAME,
     presets=PRESETS,
     pipelines={TEXT_TO_IMAGE: "CogView4Pipeline"},
     index_classes={"CogView4Pipeline": (TEXT_TO_IMAGE,)},
     from_configs=from_configs,
-    runner="cogdist.models.cogview4.runner:RUNNER",
+    runner=_runner,
     # The pipeline calls the transformer twice per step, conditional first.
     cfg_parallel=PAIRED,
     sequence_plans={

@@ -17,6 +17,7 @@ from cogdist.models.spec import (
     TEXT_TO_IMAGE,
     TOKENS,
     ConfigReader,
+    FamilyRunner,
     FamilySpec,
     ModelSpec,
     SequencePlan,
@@ -85,13 +86,20 @@ def from_configs(name: str, source: str, tasks: tuple[str, ...], read: ConfigRea
 
 _NO_CACHE_CONTEXT = "its pipeline sets no cache context"
 
+
+def _runner() -> FamilyRunner:
+    from cogdist.models.glm_image.runner import RUNNER  # torch: imported only when a worker loads
+
+    return RUNNER
+
+
 SPEC = FamilySpec(
     name=NAME,
     presets=PRESETS,
     pipelines={TEXT_TO_IMAGE: "GlmImagePipeline", IMAGE_TO_IMAGE: "GlmImagePipeline"},
     index_classes={"GlmImagePipeline": (TEXT_TO_IMAGE, IMAGE_TO_IMAGE)},
     from_configs=from_configs,
-    runner="cogdist.models.glm_image.runner:RUNNER",
+    runner=_runner,
     # The pipeline calls the transformer twice per step, conditional first.
     cfg_parallel=PAIRED,
     sequence_plans={
