@@ -80,7 +80,8 @@ def set_up_worker(model: str, out: str | None = None, **settings: Any) -> Render
     as in `cogdist render`.
     """
     from cogdist.models.registry import resolve_model
-    from cogdist.worker.worker import RenderWorker, WorkerSettings
+    from cogdist.worker.settings import WorkerSettings
+    from cogdist.worker.worker import RenderWorker
 
     spec = resolve_model(model)
     defaults = {

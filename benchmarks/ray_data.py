@@ -59,7 +59,8 @@ class RenderRows:
         import torch
 
         from cogdist.models.registry import resolve_model
-        from cogdist.worker.worker import RenderWorker, WorkerSettings
+        from cogdist.worker.settings import WorkerSettings
+        from cogdist.worker.worker import RenderWorker
 
         torch.set_num_threads(threads)
         # The stock CogView4Pipeline, as a worker builds it (this actor's code is pickled by value:
