@@ -298,7 +298,7 @@ def test_a_resume_with_another_cache_setting_is_refused(tmp_path):
         return plan(RenderOptions(manifest=str(manifest), model="tiny-cogview4", out=out, **changes)).settings
 
     uncached = settings()
-    assert uncached.cache is None and uncached.cache_threshold is None
+    assert uncached.settings["cache"] is None and uncached.settings["cache_threshold"] is None
     location = open_location(out)
     write_job_record(location, uncached)
     assert check_resume(location, settings())

@@ -28,7 +28,6 @@ from cogdist.storage import Location
 FILES = "files"
 WEBDATASET = "webdataset"
 PARQUET = "parquet"
-DATASETS = (FILES, WEBDATASET, PARQUET)
 DEFAULT_SHARD_SIZE = 256
 SHARD_FOLDERS = {WEBDATASET: "shards", PARQUET: "data"}
 _NAMES = {WEBDATASET: "shard-{:06d}.tar", PARQUET: "train-{:06d}.parquet"}
