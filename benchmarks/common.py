@@ -80,14 +80,14 @@ def set_up_worker(model: str, out: str | None = None, **settings: Any) -> Render
     as in `cogdist render`.
     """
     from cogdist.models.registry import resolve_model
+    from cogdist.options import declared
     from cogdist.worker.settings import WorkerSettings
     from cogdist.worker.worker import RenderWorker
 
     spec = resolve_model(model)
+    # Worker options whose None stands for the model's value (the memory options), as resolved.
     defaults = {
-        "vae_tiling": spec.vae_tiling,
-        "vae_slicing": spec.vae_slicing,
-        "cpu_offload": spec.cpu_offload,
+        name: getattr(spec, how.spec_field) for name, _, _, how in declared() if how.worker and how.spec_field
     }
     out = out or os.path.join(tempfile.gettempdir(), "cogdist-benchmark-out")
     worker = RenderWorker(spec, out, WorkerSettings(**{**defaults, **settings}))

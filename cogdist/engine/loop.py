@@ -65,7 +65,6 @@ class RenderLoop:
         counts: PendingSet,
         worker_class: type,
     ):
-        self.ray = ray
         self.job = job
         self.options = job.options
         self.scheduler = scheduler
@@ -114,9 +113,9 @@ class RenderLoop:
                 self._dispatch()
                 if not self.waiting:
                     raise GangError(self._all_replicas_lost())
-                ready, _ = self.ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_SECONDS)
+                ready, _ = ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_SECONDS)
                 if ready:
-                    ready, _ = self.ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
+                    ready, _ = ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
                 for ref in ready:
                     if ref in self.waiting:  # a replica loss may have dropped it meanwhile
                         self._handle(ref)
@@ -156,9 +155,8 @@ class RenderLoop:
 
     def _handle(self, ref: ray.ObjectRef) -> None:
         replica, unit_id = self.waiting.pop(ref)
-        exceptions = self.ray.exceptions
         try:
-            result = self.ray.get(ref)
+            result = ray.get(ref)
         except GangBroken as e:  # raised as a RayTaskError that is also a GangBroken
             self.waiting[ref] = Waiting(replica, unit_id)
             self._lose(replica, _describe(e))
@@ -168,13 +166,13 @@ class RenderLoop:
                 f"stopped: OUT cannot be written ({_describe(e)}). Rows finished so far are in the "
                 "index; run the same command again to resume once the store is reachable."
             ) from None
-        except exceptions.RayTaskError as e:
+        except ray.exceptions.RayTaskError as e:
             if unit_id is None:
                 self._lose(replica, f"could not start: {_describe(e)}")
             else:
                 self._record([], self.scheduler.unit_failed(unit_id, _describe(e)))
             return
-        except exceptions.RayError as e:  # the actor died or became unreachable
+        except ray.exceptions.RayError as e:  # the actor died or became unreachable
             self.waiting[ref] = Waiting(replica, unit_id)  # _lose collects every ref of the replica
             self._lose(replica, _describe(e))
             return

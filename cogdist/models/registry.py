@@ -47,9 +47,11 @@ __all__ = [
     "IMAGE_TO_VIDEO",
     "PIPELINE_FAMILIES",
     "PRESETS",
+    "SEQUENCE_PLANS",
     "TASK_INPUT",
     "TEXT_TO_IMAGE",
     "TEXT_TO_VIDEO",
+    "TILED_DECODE_KINDS",
     "VIDEO_TO_VIDEO",
     "FrameRule",
     "ModelSpec",
@@ -76,6 +78,16 @@ PIPELINE_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """model_index.json `_class_name` -> (family, tasks)."""
 
+SEQUENCE_PLANS: dict[str, SequencePlan] = {
+    class_name: plan for spec in FAMILIES.values() for class_name, plan in spec.sequence_plans.items()
+}
+"""Transformer class name -> the sequence-parallel plan its family declares."""
+
+TILED_DECODE_KINDS: dict[str, str] = {
+    class_name: kind for spec in FAMILIES.values() for class_name, kind in spec.vae_tiles.items()
+}
+"""VAE class name -> the distributed tiled decode its family declares."""
+
 
 def family(name: str) -> FamilySpec:
     """The FamilySpec of a `ModelSpec.family` key."""
@@ -87,18 +99,16 @@ def family(name: str) -> FamilySpec:
 
 def sequence_plan(transformer_class: str) -> SequencePlan:
     """The sequence-parallel plan a family declares for this transformer class."""
-    plans = {name: plan for spec in FAMILIES.values() for name, plan in spec.sequence_plans.items()}
-    if transformer_class not in plans:
+    if transformer_class not in SEQUENCE_PLANS:
         raise ValueError(
-            f"no sequence-parallel plan for {transformer_class}; cogdist has plans for {sorted(plans)}"
+            f"no sequence-parallel plan for {transformer_class}; cogdist has plans for {sorted(SEQUENCE_PLANS)}"
         )
-    return plans[transformer_class]
+    return SEQUENCE_PLANS[transformer_class]
 
 
 def tiled_decode_kind(vae_class: str) -> str | None:
     """Which distributed tiled decode a family declares for this VAE class (None: none)."""
-    kinds = {name: kind for spec in FAMILIES.values() for name, kind in spec.vae_tiles.items()}
-    return kinds.get(vae_class)
+    return TILED_DECODE_KINDS.get(vae_class)
 
 
 def resolve_model(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelSpec:

@@ -4,8 +4,9 @@ This is diffusers' own context parallelism (`enable_parallelism` with a `Context
 given what diffusers 0.42 lacks for these models:
 - a `cp_plan` per transformer, which each family declares as plain data (`SequencePlan` in its
   FamilySpec): split the text and image/video tokens as they enter the first block, split the
-  rotary tables the same way, gather the tokens after `proj_out` (before unpatchifying). Joint text+image attention stays exact: Ulysses' all-to-all hands every rank the
-  whole sequence (in rank order) for its heads, and unmasked attention does not depend on key order.
+  rotary tables the same way, gather the tokens after `proj_out` (before unpatchifying). Joint
+  text+image attention stays exact: Ulysses' all-to-all hands every rank the whole sequence (in
+  rank order) for its heads, and unmasked attention does not depend on key order.
 - attention routed through `dispatch_attention_fn`: some stock processors (the Python modules a
   plan's `dispatch` lists) call `F.scaled_dot_product_attention` themselves, so a plan alone would
   attend within each rank's shard only and be silently wrong. `dispatched` redirects that one call
@@ -172,11 +173,6 @@ def _diffusers_plan_entry(entry):
     if isinstance(entry, (list, tuple)):
         return [_diffusers_plan_entry(e) for e in entry]
     return {key: _diffusers_plan_entry(value) for key, value in entry.items()}
-
-
-def cp_plan(transformer: torch.nn.Module) -> dict:
-    """diffusers' `cp_plan` for `transformer`, from the plan its family declares."""
-    return diffusers_cp_plan(sequence_plan(type(transformer).__name__))
 
 
 def diffusers_cp_plan(plan: SequencePlan) -> dict:

@@ -33,7 +33,7 @@ import math
 from typing import Any
 
 from cogdist.errors import UsageError
-from cogdist.models.registry import FAMILIES
+from cogdist.models.registry import family as family_spec
 from cogdist.models.spec import CACHE_KINDS, FIRST_BLOCK, NO_CACHE, PAB, TAYLORSEER
 
 __all__ = [
@@ -79,13 +79,10 @@ def check_step_cache(
             raise UsageError(f"--cache-threshold must be a finite number > 0, got {threshold}")
     if kind == NO_CACHE:
         return
-    spec = FAMILIES.get(family)
-    supported = spec.step_caches if spec else ()
-    if kind not in supported:
-        usable = [k for k in supported if k != kind]
-        reason = (spec.no_step_cache if spec else {}).get(
-            kind, f"no step cache is known to work with the {family} family"
-        )
+    spec = family_spec(family)
+    if kind not in spec.step_caches:
+        usable = [k for k in spec.step_caches if k != kind]
+        reason = spec.no_step_cache.get(kind, f"no step cache is known to work with the {family} family")
         hint = f"; use --cache {' or '.join(usable)}" if usable else "; it takes no --cache"
         raise UsageError(f"--cache {kind}: not with {model}: {reason}{hint}")
     if kind == FIRST_BLOCK and (gang_size > 1 or batch_size > 1):
