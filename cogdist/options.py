@@ -8,12 +8,29 @@ these declarations. To add an option, add a field here; nothing else lists the o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field, fields, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from cogdist.errors import UsageError
 from cogdist.models.layout import check_layout
+from cogdist.option import GROUPS, OUTPUT, RECORDED, ROW_DEFAULTS, UNRECORDED, Option, option
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "GROUPS",
+    "OUTPUT",
+    "RECORDED",
+    "ROW_DEFAULTS",
+    "UNRECORDED",
+    "Option",
+    "RenderOptions",
+    "declared",
+    "flag_of",
+    "job_flags",
+    "option",
+]
 from cogdist.models.registry import ModelSpec
 from cogdist.sink import SINKS
 from cogdist.sink.dataset import DEFAULT_SHARD_SIZE, FILES
@@ -23,54 +40,8 @@ from cogdist.storage import RETRY_SECONDS
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
 
-# What an option does to a job (Option.kind).
-OUTPUT = "output"
-"""Changes the outputs: kept in the job record's "settings"; a resume with another value is refused."""
-RECORDED = "recorded"
-"""Kept in the job record's "recorded" for the reader, free to change on resume (replicas, timeouts)."""
-UNRECORDED = "unrecorded"
-"""Neither: paths and addresses (which may hold credentials) and what one run does (--overwrite)."""
-
-# CLI argument groups, by Option.group; options without one are the command's own.
-GROUPS = {
-    "memory": "memory (default: the model's; see `cogdist models`)",
-    "defaults": "defaults for rows that leave a column empty",
-    "trust": "checkpoints you trust (off: safetensors only, no code from the checkpoint)",
-}
-ROW_DEFAULTS = "defaults"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class Option:
-    """How one RenderOptions field is offered and what it does to a job."""
-
-    help: str
-    """The CLI's help line (argparse's %(default)s may stand for the default)."""
-    kind: str = UNRECORDED
-    """OUTPUT, RECORDED or UNRECORDED."""
-    worker: bool = False
-    """Every worker receives it (a WorkerSettings field of the same name, see `worker_values`)."""
-    flag: str | None = None
-    """The CLI's spelling; default "--" and the name with dashes; "" for a positional argument."""
-    group: str | None = None
-    """A key of GROUPS: the help section it is listed in."""
-    metavar: str | None = None
-    choices: tuple[str, ...] | None = None
-    spec_field: str | None = None
-    """The ModelSpec field whose value None stands for (the model's default). The job record keeps
-    the resolved value under this name; options of the ROW_DEFAULTS group also replace it in the
-    ModelSpec the rows and workers receive."""
-    record: Callable[[Any, ModelSpec], Any] | None = None
-    """The job record's value, from the resolved value and the model (default: the value)."""
-    worker_default: Any = None
-    """A worker option's WorkerSettings default where the option's own is None for "the model's"
-    (a worker built by hand, as in a benchmark, gets this one); None: the option's default."""
-
-
-def option(help: str, default: object = MISSING, **how: Any) -> Any:
-    """A RenderOptions field declared with its Option."""
-    return field(default=default, metadata={"option": Option(help, **how)})
+DEVICES = ("auto", "gpu", "cpu")
 
 
 def declared() -> Iterator[tuple[str, str, object, Option]]:
@@ -110,9 +81,36 @@ class RenderOptions:
     """Preset name, Hugging Face repo id, or folder holding model_index.json."""
     out: str = option("output folder or s3:// / gs:// prefix")
     replicas: int | None = option(
-        "gangs in parallel (default: one per GPU, 2 without GPUs)", None, kind=RECORDED
+        "a fixed number of gangs (default: on a joined cluster, as many as it can place, growing as "
+        "nodes join; locally, one per GPU or 2 without GPUs)",
+        None,
+        kind=RECORDED,
     )
-    """Gangs rendering in parallel. Default: one per GPU (divided by --sp), or 2 without GPUs."""
+    """A fixed number of gangs. Default: on a cluster the job joined (--address), as many as the
+    cluster can place now, growing as nodes join (for a CPU render only with --cpus-per-worker);
+    on the embedded instance one per GPU (divided by the gang's size), or 2 without GPUs."""
+    max_replicas: int | None = option(
+        "at most this many gangs as the cluster grows, and asked of its autoscaler",
+        None,
+        kind=RECORDED,
+        metavar="N",
+    )
+    device: str = option(
+        "auto: GPUs whenever the cluster has or gets any, CPUs only for a small model (<= 1B "
+        "parameters) when it has none; gpu: wait for GPUs; cpu: CPUs even where GPUs are",
+        "auto",
+        kind=RECORDED,
+        choices=DEVICES,
+    )
+    capacity_timeout: float = option(
+        "seconds a job waits for the cluster to place a gang (GPUs pending, a node too small) "
+        "before it stops (default %(default).0f)",
+        1800.0,
+        kind=RECORDED,
+        metavar="S",
+    )
+    """Seconds a job on a joined cluster waits while no gang of it can be placed (no GPU yet, no
+    node that holds a whole gang) before it stops with what it waited for (exit 1, resumable)."""
     sp: int = option(
         "sequence-parallel degree: GPUs sharing one sample (default %(default)s)",
         1,
@@ -142,11 +140,12 @@ class RenderOptions:
     max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
     """Renders retried after an error before a row is recorded under failures/."""
     max_gang_restarts: int = option(
-        "times a replica whose workers died is rebuilt before it is given up (default %(default)s)",
+        "failures in a row (its workers died, or failed to start) after which a replica is given "
+        "up; a rendered unit resets the count, a lost node does not count (default %(default)s)",
         3,
         kind=RECORDED,
     )
-    """Times a replica is rebuilt after its workers die before it is given up."""
+    """Failures in a row after which a replica is given up (cogdist.failures.FailurePolicy)."""
     format: str | None = option(
         "output format (default: png; mp4 for videos)",
         None,
@@ -323,11 +322,16 @@ class RenderOptions:
             "--replicas": self.replicas if self.replicas is not None else 1,
             "--steps": self.steps if self.steps is not None else 1,
             "--max-gang-restarts": self.max_gang_restarts + 1,
+            "--max-replicas": self.max_replicas if self.max_replicas is not None else 1,
         }
         for flag, value in positive.items():
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         check_layout(spec, self.sp, self.cfg_parallel)
+        if self.device not in DEVICES:
+            raise UsageError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if not self.capacity_timeout > 0:
+            raise UsageError(f"--capacity-timeout must be > 0 seconds, got {self.capacity_timeout}")
         if self.max_retries < 0:
             raise UsageError(f"--max-retries must be >= 0, got {self.max_retries}")
         formats = VIDEO_FORMATS if spec.kind == "video" else IMAGE_FORMATS
