@@ -43,6 +43,17 @@ class GangError(CogdistError):
     """A gang of workers could not be started or kept alive."""
 
 
+class ConfigurationError(GangError):
+    """A worker's setup failed on something no rebuild can fix (a package that is not installed,
+    a checkpoint it cannot load): the job stops at once instead of rebuilding forever."""
+
+    exit_code = EXIT_REFUSED
+
+
+class CapacityError(GangError):
+    """The cluster did not offer what a gang needs within --capacity-timeout."""
+
+
 class GangBroken(GangError):
     """A collective of a gang failed (a peer died, hung or left): the gang is rebuilt, its unit
     re-queued, and no row is blamed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cogdist.failures import FailurePolicy, RowCharge
 from cogdist.scheduler import Scheduler
 from cogdist.work import ItemResult, WorkItem
 
@@ -52,7 +53,7 @@ def test_partial_bucket_is_handed_out_rather_than_idle():
 
 
 def test_failed_row_is_retried_alone_then_recorded():
-    scheduler = Scheduler(iter([item(0), item(1)]), batch_size=2, max_retries=1)
+    scheduler = Scheduler(iter([item(0), item(1)]), batch_size=2, policy=FailurePolicy(max_retries=1))
     unit = scheduler.next_unit()
     finished, failed = scheduler.complete(
         unit.unit_id, (ItemResult("r0", ok=True), ItemResult("r1", ok=False, error="boom"))
@@ -68,9 +69,11 @@ def test_failed_row_is_retried_alone_then_recorded():
 
 
 def test_unit_exception_splits_the_batch():
-    scheduler = Scheduler(iter([item(i) for i in range(3)]), batch_size=3, max_retries=2)
+    scheduler = Scheduler(
+        iter([item(i) for i in range(3)]), batch_size=3, policy=FailurePolicy(max_retries=2)
+    )
     unit = scheduler.next_unit()
-    assert scheduler.unit_failed(unit.unit_id, "RuntimeError: x") == []
+    assert scheduler.requeue(unit.unit_id, RowCharge.ATTEMPT, "RuntimeError: x") == []
     retries = [scheduler.next_unit() for _ in range(3)]
     assert all(len(u.items) == 1 for u in retries)
     for u in retries:
@@ -79,12 +82,12 @@ def test_unit_exception_splits_the_batch():
 
 
 def test_lost_units_are_requeued_without_charging_an_attempt():
-    scheduler = Scheduler(iter([item(0)]), batch_size=1, max_retries=0, max_crashes=3)
+    scheduler = Scheduler(iter([item(0)]), batch_size=1, policy=FailurePolicy(max_retries=0, max_crashes=3))
     for _ in range(2):
         unit = scheduler.next_unit()
-        assert scheduler.unit_lost(unit.unit_id, "actor died") == []
+        assert scheduler.requeue(unit.unit_id, RowCharge.CRASH, "actor died") == []
     unit = scheduler.next_unit()
-    failed = scheduler.unit_lost(unit.unit_id, "actor died")
+    failed = scheduler.requeue(unit.unit_id, RowCharge.CRASH, "actor died")
     assert len(failed) == 1 and "died 3 times" in failed[0].error and failed[0].row.attempts == 0
     assert scheduler.finished
 

@@ -12,6 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cogdist.failures import FailurePolicy, RowCharge
 from cogdist.work import ItemResult, WorkItem, WorkUnit
 
 
@@ -46,8 +47,9 @@ class Failed:
 class Scheduler:
     """The driver's queue of work: streams pending rows, buckets them by shape into units of up to
     `batch_size` rows, hands out units (`next_unit`), and takes back what they did: `complete`
-    returns the finished rows, `unit_failed` / `unit_lost` retry rows (up to `max_retries` errors,
-    `max_crashes` lost gangs) and return those that failed for good. `finished` when all is done.
+    returns the finished rows and `requeue` takes back a unit that failed; rows are charged and
+    their limits applied by the job's FailurePolicy, and those that failed for good are returned.
+    `finished` when all is done.
     """
 
     def __init__(
@@ -55,15 +57,13 @@ class Scheduler:
         rows: Iterator[tuple[WorkItem, dict]],
         *,
         batch_size: int = 1,
-        max_retries: int = 2,
-        max_crashes: int = 3,
+        policy: FailurePolicy | None = None,
         max_buffered: int | None = None,
     ):
         self._stream = rows
         self._stream_done = False
         self.batch_size = batch_size
-        self.max_retries = max_retries
-        self.max_crashes = max_crashes
+        self.policy = policy or FailurePolicy()
         self.max_buffered = max_buffered or max(256, 8 * batch_size)
         self._buckets: OrderedDict[tuple, list[Row]] = OrderedDict()
         self._buffered = 0
@@ -79,6 +79,10 @@ class Scheduler:
         if idle and not self._stream_done:
             self._pull()  # the stream may end exactly here; find out
         return self._stream_done and not self._buffered and not self._retries and not self._in_flight
+
+    def has_work(self) -> bool:
+        """Rows not yet handed out (buffered, retried, or still in the stream)."""
+        return bool(self._buffered or self._retries or not self._stream_done)
 
     def next_unit(self) -> WorkUnit | None:
         """The next unit to render, or None when there is nothing to hand out now."""
@@ -121,27 +125,17 @@ class Scheduler:
             if result.ok:
                 finished.append(Finished(row, result))
             else:
-                failed.extend(self._retry([row], result.error or "unknown error"))
+                failed.extend(self._retry([row], RowCharge.ATTEMPT, result.error or "unknown error"))
         # A row the worker did not report on is retried like a failed one.
-        failed.extend(self._retry(list(rows.values()), "worker returned no result for this row"))
+        failed.extend(
+            self._retry(list(rows.values()), RowCharge.ATTEMPT, "worker returned no result for this row")
+        )
         return finished, failed
 
-    def unit_failed(self, unit_id: int, error: str) -> list[Failed]:
-        """The unit raised: each row is charged an attempt and retried on its own."""
-        return self._retry(self._in_flight.pop(unit_id), error)
-
-    def unit_lost(self, unit_id: int, reason: str) -> list[Failed]:
-        """The worker died under the unit: not the rows' fault, unless it keeps happening."""
-        failed = []
-        for row in self._in_flight.pop(unit_id):
-            row.crashes += 1
-            if row.crashes >= self.max_crashes:
-                failed.append(
-                    Failed(row, f"worker died {row.crashes} times while rendering this row: {reason}")
-                )
-            else:
-                self._retries.append([row])
-        return failed
+    def requeue(self, unit_id: int, charge: RowCharge, reason: str) -> list[Failed]:
+        """A unit that did not finish: each row is charged as the policy decided and retried on
+        its own; the rows that failed for good are returned."""
+        return self._retry(self._in_flight.pop(unit_id), charge, reason)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -169,12 +163,12 @@ class Scheduler:
         self._in_flight[unit_id] = rows
         return WorkUnit(unit_id, tuple(row.item for row in rows))
 
-    def _retry(self, rows: list[Row], error: str) -> list[Failed]:
+    def _retry(self, rows: list[Row], charge: RowCharge, reason: str) -> list[Failed]:
         failed = []
         for row in rows:
-            row.attempts += 1
-            if row.attempts > self.max_retries:
-                failed.append(Failed(row, error))
-            else:
+            error = self.policy.settle_row(row, charge, reason)
+            if error is None:
                 self._retries.append([row])
+            else:
+                failed.append(Failed(row, error))
         return failed
