@@ -29,19 +29,21 @@ class Progress:
         self.done = 0
         self.failed = 0
         self.replicas = ["starting"] * replicas
+        self.nodes = 0
         self._postfix()
 
     def _postfix(self) -> None:
         self.bar.set_postfix_str(self.describe(), refresh=False)
 
     def describe(self) -> str:
-        """`done=3 failed=0 pending=5 | replicas 0:busy 1:starting` (or counts per state)."""
+        """`done=3 failed=0 pending=5 | replicas 0:busy 1:starting | nodes 1` (or counts per state)."""
         pending = self.total - self.done - self.failed
         if len(self.replicas) <= LISTED_REPLICAS:
             states = " ".join(f"{i}:{state}" for i, state in enumerate(self.replicas))
         else:
             states = ", ".join(f"{n} {state}" for state, n in sorted(Counter(self.replicas).items()))
-        return f"done={self.done} failed={self.failed} pending={pending} | replicas {states}"
+        nodes = f" | nodes {self.nodes}" if self.nodes else ""
+        return f"done={self.done} failed={self.failed} pending={pending} | replicas {states}{nodes}"
 
     def advance(self, done: int = 0, failed: int = 0) -> None:
         self.done += done
@@ -49,10 +51,11 @@ class Progress:
         self._postfix()
         self.bar.update(done + failed)
 
-    def set_replicas(self, states: list[str]) -> None:
-        """Each replica's state: starting, restarting, idle, busy or lost."""
-        if states != self.replicas:
-            self.replicas = list(states)
+    def set_replicas(self, states: list[str], nodes: int = 0) -> None:
+        """Each replica's state (starting, waiting, restarting, idle, busy, draining or lost), and
+        the nodes the ready ones are on."""
+        if states != self.replicas or nodes != self.nodes:
+            self.replicas, self.nodes = list(states), nodes
             self._postfix()
             self.bar.refresh()
 

@@ -82,6 +82,8 @@ class ItemResult:
     render_seconds: float = 0.0
     frames: int | None = None
     """Frames of a video output as rendered (CogVideoX 1.5 video-to-video may differ from the input)."""
+    node: str | None = None
+    """The Ray node whose worker rendered it."""
     data: bytes | None = None
     """The encoded output itself, when the driver stores it (--dataset webdataset/parquet)."""
 

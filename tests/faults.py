@@ -133,6 +133,17 @@ def poison_when_all_render(marker_dir: Path, replicas: int) -> type:
     return PoisonWhenAllRender
 
 
+def failing_setup(marker_dir: Path, error: BaseException) -> type:
+    """A worker whose setup raises `error` every time; each try leaves a file in `marker_dir`."""
+
+    class FailingSetup(RenderWorker):
+        def _setup(self, address):
+            (Path(marker_dir) / f"setup-{os.getpid()}").touch()
+            raise error
+
+    return FailingSetup
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 

@@ -13,10 +13,10 @@ from PIL import Image
 
 import cogdist
 from cogdist import engine
-from cogdist.errors import UsageError
+from cogdist.errors import EXIT_REFUSED, ConfigurationError, GangError, UsageError
 from cogdist.options import RenderOptions
 from tests.conftest import write_manifest
-from tests.faults import PoisonWorker, dying_worker, out_of_memory, timed_worker
+from tests.faults import PoisonWorker, dying_worker, failing_setup, out_of_memory, timed_worker
 from tests.inprocess import render_in_process
 
 # Where the replica count is not the point: one worker (a second costs its start-up), no progress line.
@@ -90,6 +90,27 @@ def test_worker_death_rebuilds_the_replica_and_costs_no_attempt(ray_session, tmp
     assert (summary.done, summary.failed, summary.ok) == (8, 0, True)
     table = index_table(out)
     assert sorted(table["id"].to_pylist()) == [f"item/{i:03d}" for i in range(8)]
+
+
+def test_a_setup_that_fails_on_configuration_stops_the_job_at_once(ray_session, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(3))
+    worker = failing_setup(tmp_path, ModuleNotFoundError("No module named 'xformers'"))
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(tmp_path / "out"), **ONE_QUIET_REPLICA)
+    with pytest.raises(ConfigurationError, match="xformers.*rebuilding them would not help") as raised:
+        engine.run(options, worker_class=worker)
+    assert raised.value.exit_code == EXIT_REFUSED
+    assert len(list(tmp_path.glob("setup-*"))) == 1  # never rebuilt
+
+
+def test_a_replica_that_crash_loops_is_given_up_after_max_gang_restarts(ray_session, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(3))
+    worker = failing_setup(tmp_path, RuntimeError("CUDA error: device-side assert triggered"))
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", str(tmp_path / "out"), **ONE_QUIET_REPLICA, max_gang_restarts=1
+    )
+    with pytest.raises(GangError, match="every replica failed and was given up"):
+        engine.run(options, worker_class=worker)
+    assert len(list(tmp_path.glob("setup-*"))) == 2  # the first try and one rebuild
 
 
 def test_s3_output_through_the_api(ray_session, tmp_path, s3_bucket):

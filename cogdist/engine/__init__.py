@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from cogdist.engine.loop import RenderLoop
-from cogdist.engine.plan import Plan, plan, replica_layout, worker_settings
+from cogdist.engine.plan import Plan, ReplicaLayout, plan, replica_layout, worker_settings
 from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED
 from cogdist.executor.cluster import connect, disconnect
+from cogdist.failures import FailurePolicy
 from cogdist.manifest.rows import RowDefaults
-from cogdist.models.layout import check_layout
 from cogdist.options import RenderOptions
 from cogdist.scheduler import Scheduler
 from cogdist.scheduler.pending import pending_rows, scan_pending
@@ -29,7 +29,16 @@ from cogdist.sink.job import check_resume, clear_outputs, write_job_record
 from cogdist.sink.ledger import FAILURES, INDEX, read_ids
 from cogdist.worker.worker import RenderWorker
 
-__all__ = ["Plan", "RenderLoop", "RenderSummary", "plan", "replica_layout", "run", "worker_settings"]
+__all__ = [
+    "Plan",
+    "RenderLoop",
+    "RenderSummary",
+    "ReplicaLayout",
+    "plan",
+    "replica_layout",
+    "run",
+    "worker_settings",
+]
 
 
 @dataclass(frozen=True)
@@ -123,12 +132,11 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
 
     defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
     rows = pending_rows(job.source, counts, job.spec, defaults)
-    scheduler = Scheduler(rows, batch_size=options.batch_size, max_retries=options.max_retries)
+    policy = FailurePolicy(max_retries=options.max_retries, max_gang_restarts=options.max_gang_restarts)
+    scheduler = Scheduler(rows, batch_size=options.batch_size, policy=policy)
     embedded_cpus = max(os.cpu_count() or 1, (options.replicas or 2) * options.gang_size)
     cluster = connect(options.address, num_cpus=embedded_cpus)
     try:
-        if cluster.gpus >= 1:  # a gang's GPUs must share a node
-            check_layout(job.spec, options.sp, options.cfg_parallel, cluster.max_node_gpus)
         loop = RenderLoop(job, cluster, scheduler, counts, worker_class)
         loop.run()
     finally:

@@ -1,21 +1,24 @@
-"""The replica loop, run in the driver: keeps every gang busy, retries failed rows, rebuilds a
-replica whose workers die, and hands finished rows to the job's Sink."""
+"""The replica loop, run in the driver: keeps every gang busy, follows the cluster as nodes come
+and go, reports each failure to the job's FailurePolicy and acts on its decision, and hands
+finished rows to the job's Sink."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import ray
 
-from cogdist.engine.plan import Plan, replica_layout, worker_settings
-from cogdist.errors import GangBroken, GangError, StorageError
-from cogdist.executor.cluster import Cluster
-from cogdist.executor.gang import GangState, ReplicaGang, RestartPolicy
+from cogdist.engine.plan import Plan, ReplicaLayout, replica_layout, worker_settings
+from cogdist.errors import CapacityError, ConfigurationError, GangBroken, GangError, StorageError
+from cogdist.executor.cluster import Cluster, Node, alive_nodes, node_gone
+from cogdist.executor.gang import GangState, ReplicaGang
+from cogdist.failures import Failure, FailureDecision, FailurePolicy, ReplicaAction, RowCharge
 from cogdist.metrics import RenderMetrics
 from cogdist.progress import Progress
-from cogdist.scheduler import Failed, Finished, Scheduler
+from cogdist.scheduler import Finished, Scheduler
 from cogdist.scheduler.pending import PendingSet
 from cogdist.sink import SINKS
 
@@ -24,8 +27,11 @@ COMMIT_ROWS = 1000  # commit early when this many rows are waiting
 # within this long: prefetching hides the driver's round trip for quick units, but a unit queued
 # behind a slow one would wait there while another replica sits idle.
 PREFETCH_SECONDS = 2.0
-PLACEMENT_WARN_SECONDS = 60.0
 WAIT_SECONDS = 0.5
+FLEET_SECONDS = 2.0
+"""How often the loop looks at the cluster: nodes joined, drained or gone, gangs placed."""
+WAITING_NOTICE_SECONDS = (8.0, 60.0)
+"""A replica not placed after the first says what it waits for; again after each second."""
 
 
 @dataclass
@@ -34,15 +40,23 @@ class Replica:
 
     index: int
     gang: ReplicaGang
-    restarts: int = 0
+    rebuilds: int = 0
     setup_pending: set[ray.ObjectRef] = field(default_factory=set)
     """The setup calls of its members not yet returned: it is ready when none is left."""
     last_error: str | None = None
-    warned_placement: bool = False
+    given_up: bool = False
+    nodes: set[str] = field(default_factory=set)
+    """The Ray nodes its gang was placed on (empty until placed)."""
+    draining: bool = False
+    """Its node is being drained: it gets no new unit, and moves once its units are done."""
 
     @property
     def ready(self) -> bool:
         return self.gang.state == GangState.READY
+
+    @property
+    def placed(self) -> bool:
+        return bool(self.nodes)
 
 
 class Waiting(NamedTuple):
@@ -54,8 +68,9 @@ class Waiting(NamedTuple):
 
 class RenderLoop:
     """The driver's loop of one render: keeps every replica `max_in_flight` units deep, hands what
-    comes back to the job's Sink (committed in batches), retries failed rows through the Scheduler
-    and rebuilds a replica whose workers die. It does not know which Sink it drives."""
+    comes back to the job's Sink (committed in batches), grows the replicas with the cluster, and
+    reports every failure to the FailurePolicy, whose decision it carries out. It does not know
+    which Sink it drives."""
 
     def __init__(
         self,
@@ -68,13 +83,27 @@ class RenderLoop:
         self.job = job
         self.options = job.options
         self.scheduler = scheduler
-        self.policy = RestartPolicy(self.options.max_gang_restarts)
-        n, gang_spec = replica_layout(self.options, cluster)
+        self.policy: FailurePolicy = scheduler.policy
+        self.cluster = cluster
+        self.layout: ReplicaLayout = replica_layout(self.options, job.spec, cluster)
+        gang_spec = self.layout.gang
         threads = None if gang_spec.gpus_per_member else int(gang_spec.cpus_per_member)
-        args = (job.spec, job.out.worker_uri, worker_settings(self.options, threads))
-        self.replicas = [Replica(i, ReplicaGang(i, gang_spec, worker_class, args)) for i in range(n)]
+        self.worker_args = (
+            job.spec,
+            job.out.worker_uri,
+            worker_settings(self.options, threads),
+            worker_class,
+        )
+        self.replicas: list[Replica] = []
         self.waiting: dict[ray.ObjectRef, Waiting] = {}
         """Every call in flight: a unit's render, or a member's setup."""
+        self.known_nodes: dict[str, Node] = {n.id: n for n in cluster.nodes}
+        self.requested: int | None = None
+        """Gangs last asked of the autoscaler (None: never asked)."""
+        self.last_fleet = 0.0
+        self.unplaced_since: float | None = None
+        """monotonic() since when no replica could be placed (None: one is placed or ready)."""
+        self.next_notice = 0.0
         self.sink = SINKS[self.options.dataset](
             job.out,
             self.options.dataset,
@@ -83,6 +112,9 @@ class RenderLoop:
             self.options.format,
             self.options.shard_size,
         )
+        n = self.layout.replicas
+        if self.layout.follows_cluster:  # never more gangs than units to render
+            n = min(n, self._units_left(counts.pending))
         self.progress = Progress(counts.pending, self.options.progress, n)
         self.total = counts.pending
         self.metrics = RenderMetrics(job.out.public_uri, job.spec.name)
@@ -95,9 +127,15 @@ class RenderLoop:
         """perf_counter() after the last commit."""
         self.commit_failed: bool = False
         """The store refused the index for --storage-timeout: the final commit is not tried again."""
+        for _ in range(n):
+            self._add_replica()
         if self.options.progress:
+            growth = ""
+            if self.layout.follows_cluster:
+                cap = f", up to {self.layout.max_replicas}" if self.layout.max_replicas else ""
+                growth = f", growing with the cluster{cap}"
             self.progress.write(
-                f"cogdist: {n} replica(s) of {gang_spec.describe()} on a cluster with "
+                f"cogdist: {n} replica(s) of {gang_spec.describe()}{growth} on a cluster with "
                 f"{cluster.cpus:g} CPU / {cluster.gpus:g} GPU (Ray {'started' if cluster.owned else 'joined'} "
                 f"in {cluster.start_seconds:.1f}s)"
             )
@@ -112,14 +150,17 @@ class RenderLoop:
             while not self.scheduler.finished:
                 self._dispatch()
                 if not self.waiting:
-                    raise GangError(self._all_replicas_lost())
+                    self._watch_fleet()  # replicas left idle on a drained or vanished node move
+                    if not self.waiting:
+                        raise GangError(self._all_replicas_lost())
                 ready, _ = ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_SECONDS)
                 if ready:
                     ready, _ = ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
                 for ref in ready:
                     if ref in self.waiting:  # a replica loss may have dropped it meanwhile
                         self._handle(ref)
-                self._watch_placement()
+                if time.monotonic() - self.last_fleet >= FLEET_SECONDS:
+                    self._watch_fleet()
                 self._show_replicas()
                 pending = self.sink.pending
                 if pending and (
@@ -132,14 +173,15 @@ class RenderLoop:
                 if not self.commit_failed:  # it failed for --storage-timeout: do not wait again
                     self._commit(flush=True)
             finally:
-                for replica in self.replicas:
+                self._request(0)
+                for replica in self.replicas:  # removes every placement group the job made
                     replica.gang.kill()
                 self.progress.close()
 
     def _dispatch(self) -> None:
         """Top every ready replica up to max_in_flight units, prefetching only behind quick ones."""
         for replica in self.replicas:
-            if not replica.ready:
+            if not replica.ready or replica.draining:
                 continue
             held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
             while len(held) < self.options.max_in_flight:
@@ -154,82 +196,221 @@ class RenderLoop:
                 held.append(unit.unit_id)
 
     def _handle(self, ref: ray.ObjectRef) -> None:
-        replica, unit_id = self.waiting.pop(ref)
+        replica, unit_id = self.waiting[ref]
         try:
             result = ray.get(ref)
-        except GangBroken as e:  # raised as a RayTaskError that is also a GangBroken
-            self.waiting[ref] = Waiting(replica, unit_id)
-            self._lose(replica, _describe(e))
+        except ray.exceptions.RayError as e:  # RayTaskError: the worker raised; else its actor died
+            self._fail(self._classify(e, replica, unit_id), replica, ref, _describe(e))
             return
-        except StorageError as e:  # a worker could not store an output for --storage-timeout
-            raise StorageError(
-                f"stopped: OUT cannot be written ({_describe(e)}). Rows finished so far are in the "
-                "index; run the same command again to resume once the store is reachable."
-            ) from None
-        except ray.exceptions.RayTaskError as e:
-            if unit_id is None:
-                self._lose(replica, f"could not start: {_describe(e)}")
-            else:
-                self._record([], self.scheduler.unit_failed(unit_id, _describe(e)))
-            return
-        except ray.exceptions.RayError as e:  # the actor died or became unreachable
-            self.waiting[ref] = Waiting(replica, unit_id)  # _lose collects every ref of the replica
-            self._lose(replica, _describe(e))
-            return
+        del self.waiting[ref]
         if unit_id is None:
             replica.setup_pending.discard(ref)
             if not replica.setup_pending:
                 replica.gang.state = GangState.READY
+                replica.nodes = replica.nodes or replica.gang.node_ids()
+                self.unplaced_since = None
                 self.first_ready = self.first_ready or time.perf_counter()
                 self._show_replicas()
-                if self.options.progress and replica.restarts:
+                if self.options.progress and replica.rebuilds:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
             return
+        self.policy.rendered(replica.index)
         self.metrics.steps(result.step_seconds)
         self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
+
+    def _classify(self, error: BaseException, replica: Replica, unit_id: int | None) -> Failure:
+        """What happened, in the failure policy's terms."""
+        if isinstance(error, ray.exceptions.RayTaskError):  # the worker raised
+            if isinstance(error, GangBroken):  # raised as a RayTaskError that is also a GangBroken
+                return Failure.COLLECTIVE_BROKEN
+            if isinstance(error, StorageError):
+                return Failure.STORAGE
+            if isinstance(error, ConfigurationError):
+                return Failure.SETUP_CONFIG
+            if unit_id is None:
+                return Failure.SETUP_FAILED
+            cause = getattr(error, "cause", None)
+            if type(cause).__name__ == "OutOfMemoryError":
+                return Failure.OUT_OF_MEMORY
+            return Failure.ROW_ERROR
+        if getattr(error, "actor_init_failed", False) and "ModuleNotFoundError" in str(error):
+            return Failure.SETUP_CONFIG  # the node cannot import cogdist's worker (its image lacks it)
+        # The actor died or became unreachable: its node, or the worker alone?
+        nodes = alive_nodes()
+        self.known_nodes.update({n.id: n for n in nodes})
+        used = replica.nodes or replica.gang.node_ids()
+        if getattr(error, "preempted", False) or any(
+            self.known_nodes.get(n, _NO_NODE).draining for n in used
+        ):
+            return Failure.NODE_DRAINED
+        if any(node_gone(n, nodes, self.known_nodes) for n in used):
+            return Failure.NODE_LOST
+        return Failure.WORKER_DIED
+
+    def _fail(self, failure: Failure, replica: Replica, ref: ray.ObjectRef, reason: str) -> None:
+        """Carry out the policy's decision on a failure of `replica` (the call `ref` failed)."""
+        decision = self.policy.make_decision(failure, replica.index, reason)
+        if decision.replica == ReplicaAction.KEEP:
+            _, unit_id = self.waiting.pop(ref)
+            if unit_id is not None:
+                self._record([], self.scheduler.requeue(unit_id, decision.rows, reason))
+            if decision.stop is not None:
+                raise decision.stop
+            return
+        # The gang goes: every call it has in flight is settled. Only the oldest unit was being
+        # rendered; the ones queued behind it are re-queued free.
+        held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
+        for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
+            del self.waiting[key]
+        failed = []
+        for position, unit_id in enumerate(held):
+            charge = decision.rows if position == 0 else RowCharge.FREE
+            failed += self.scheduler.requeue(unit_id, charge, reason)
+        replica.gang.kill()
+        replica.nodes, replica.draining = set(), False
+        replica.last_error = reason
+        self._show_replicas()
+        self._record([], failed)
+        self._act_on_replica(replica, decision)
+
+    def _act_on_replica(self, replica: Replica, decision: FailureDecision) -> None:
+        if decision.stop is not None:
+            raise decision.stop
+        self.progress.write(f"cogdist: {decision.message}")
+        if decision.replica == ReplicaAction.GIVE_UP:
+            replica.given_up = True
+            return
+        replica.rebuilds += 1
+        self._start(replica)
+
+    def _add_replica(self) -> Replica:
+        spec, out_uri, settings, worker_class = self.worker_args
+        index = len(self.replicas)
+        gang = ReplicaGang(index, self.layout.gang, worker_class, (spec, out_uri, settings))
+        replica = Replica(index, gang)
+        self.replicas.append(replica)
+        return replica
 
     def _start(self, replica: Replica) -> None:
         refs = replica.gang.start()
         replica.setup_pending = set(refs)
-        replica.warned_placement = False
         for ref in refs:
             self.waiting[ref] = Waiting(replica, None)
 
-    def _lose(self, replica: Replica, reason: str) -> None:
-        """A member died or failed to start: kill the gang, re-queue its units, maybe rebuild it."""
-        lost = [ref for ref, (r, _) in self.waiting.items() if r is replica]
-        failed: list[Failed] = []
-        for ref in lost:
-            _, unit_id = self.waiting.pop(ref)
-            if unit_id is not None:
-                failed += self.scheduler.unit_lost(unit_id, reason)
+    # -- the cluster -----------------------------------------------------------------------
+
+    def _watch_fleet(self) -> None:
+        """Nodes drained, gone or joined: move, rebuild and add replicas; ask the autoscaler for
+        what the job can use; wait (up to --capacity-timeout) while no gang can be placed."""
+        self.last_fleet = time.monotonic()
+        nodes = alive_nodes()
+        self.known_nodes.update({n.id: n for n in nodes})
+        draining = {n.id for n in nodes if n.draining}
+        alive = {n.id for n in nodes}
+        for replica in self.replicas:
+            if replica.given_up or replica.gang.state == GangState.DEAD:
+                continue
+            if not replica.placed and replica.gang.placement_ready():
+                replica.nodes = replica.gang.node_ids()
+            holds = any(r is replica and unit is not None for r, unit in self.waiting.values())
+            if replica.nodes and not replica.nodes <= alive and not holds:
+                # Its node left while it held nothing: no call will fail to tell us.
+                self._retire(replica, f"its node {_short(replica.nodes - alive)} left the cluster")
+            elif replica.nodes & draining and not replica.draining:
+                replica.draining = True
+                self.progress.write(
+                    f"cogdist: replica {replica.index}: node {_short(replica.nodes & draining)} is being "
+                    "drained; it gets no new unit and moves once its units are done"
+                )
+            if replica.draining and not holds and replica.ready:
+                self._retire(replica, f"node {_short(replica.nodes)} drained")
+        units_left = self._units_left(self.total - self.done - self.failed)
+        if self.layout.follows_cluster:
+            active = [r for r in self.replicas if not r.given_up]
+            target = min(self.layout.capacity(nodes), units_left)
+            for _ in range(target - len(active)):
+                replica = self._add_replica()
+                self._start(replica)
+                self.progress.write(
+                    f"cogdist: the cluster has room for another gang: replica {replica.index} starting"
+                )
+            wanted = units_left if self.scheduler.has_work() else 0
+            self._request(min(wanted, self.layout.max_replicas or wanted))
+        self._watch_capacity(nodes)
+
+    def _retire(self, replica: Replica, reason: str) -> None:
+        """Move a replica that holds no unit off its node (charged to nobody)."""
         replica.gang.kill()
-        replica.last_error = reason
-        self._show_replicas()
-        self._record([], failed)
-        if self.policy.should_restart(replica.restarts):
-            replica.restarts += 1
-            self.progress.write(
-                f"cogdist: replica {replica.index} lost ({reason}); "
-                f"rebuilding it ({replica.restarts}/{self.policy.max_restarts})"
+        for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
+            del self.waiting[key]
+        replica.nodes, replica.draining = set(), False
+        self.progress.write(
+            f"cogdist: replica {replica.index}: {reason}; rebuilding it where the cluster has room"
+        )
+        replica.rebuilds += 1
+        self._start(replica)
+
+    def _watch_capacity(self, nodes: list[Node]) -> None:
+        """While no replica is placed or ready: say what the job waits for, and stop after
+        --capacity-timeout."""
+        active = [r for r in self.replicas if not r.given_up]
+        if not active or any(r.ready or r.placed for r in active):
+            self.unplaced_since = None
+            return
+        now = time.monotonic()
+        if self.unplaced_since is None:
+            self.unplaced_since, self.next_notice = now, now + WAITING_NOTICE_SECONDS[0]
+        gpus = self.layout.gang.gpus_per_member > 0
+        have = (
+            f"{sum(n.gpus for n in nodes):g} GPUs, at most {max((n.gpus for n in nodes), default=0):g} on one node"
+            if gpus
+            else f"at most {max((n.cpus for n in nodes), default=0):g} CPUs on one node"
+        )  # "the cluster has 0 GPUs, at most 0 on one node"
+        what = f"waiting for {self.layout.needs}: the cluster has {have}; see `ray status`"
+        waited = now - self.unplaced_since
+        if waited > self.options.capacity_timeout:
+            raise CapacityError(
+                f"stopped after {waited:.0f}s (--capacity-timeout {self.options.capacity_timeout:g}) {what}. "
+                "Rows finished so far are indexed; run the same command again once the cluster has room."
             )
-            self._start(replica)
-        else:
-            self.progress.write(
-                f"cogdist: replica {replica.index} given up after {replica.restarts} rebuilds: {reason}"
-            )
+        if now >= self.next_notice:
+            self.next_notice = now + WAITING_NOTICE_SECONDS[1]
+            self.progress.write(f"cogdist: {what} (waited {waited:.0f}s of --capacity-timeout)")
+
+    def _request(self, gangs: int) -> None:
+        """Ask the autoscaler for `gangs` whole gangs (0: withdraw); only on a cluster the job joined."""
+        if (
+            not self.layout.follows_cluster
+            or gangs == self.requested
+            or (self.requested is None and not gangs)
+        ):
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[self.replicas[0].gang.total_bundle()] * gangs if gangs else [])
+        self.requested = gangs
+
+    def _units_left(self, rows: int) -> int:
+        return max(1, math.ceil(rows / self.options.batch_size))
+
+    # -- what the user sees ----------------------------------------------------------------
 
     def _show_replicas(self) -> None:
         holding = {id(r) for r, unit in self.waiting.values() if unit is not None}
         states = []
         for replica in self.replicas:
-            if replica.ready:
-                states.append("busy" if id(replica) in holding else "idle")
-            elif replica.gang.state == GangState.DEAD:
+            if replica.given_up:
                 states.append("lost")
+            elif replica.ready:
+                states.append(
+                    "draining" if replica.draining else "busy" if id(replica) in holding else "idle"
+                )
+            elif not replica.placed and time.monotonic() - replica.gang.started_at > FLEET_SECONDS:
+                states.append("waiting")
             else:
-                states.append("restarting" if replica.restarts else "starting")
-        self.progress.set_replicas(states)
+                states.append("restarting" if replica.rebuilds else "starting")
+        nodes = set().union(*(r.nodes for r in self.replicas if r.ready))
+        self.progress.set_replicas(states, nodes=len(nodes))
         self.metrics.replicas_ready.set(states.count("busy") + states.count("idle"))
 
     def _all_replicas_lost(self) -> str:
@@ -239,23 +420,9 @@ class RenderLoop:
             f"resumes them.\n{reasons}"
         )
 
-    def _watch_placement(self) -> None:
-        for replica in self.replicas:
-            if (
-                replica.gang.state == GangState.STARTING
-                and not replica.warned_placement
-                and time.monotonic() - replica.gang.started_at > PLACEMENT_WARN_SECONDS
-                and not replica.gang.placement_ready()
-            ):
-                replica.warned_placement = True
-                self.progress.write(
-                    f"cogdist: replica {replica.index} has waited {PLACEMENT_WARN_SECONDS:.0f}s for "
-                    f"{replica.gang.spec.describe()}; run `ray status` to see what the cluster has free"
-                )
-
     # -- results ---------------------------------------------------------------------------
 
-    def _record(self, finished: list[Finished], failed: list[Failed], replica: int | None = None) -> None:
+    def _record(self, finished: list[Finished], failed: list, replica: int | None = None) -> None:
         self.sink.add(finished, failed, replica)
         self.done += len(finished)
         self.failed += len(failed)
@@ -280,6 +447,13 @@ class RenderLoop:
                 "be rendered again; run the same command again to resume once the store is reachable."
             ) from None
         self.last_commit = time.perf_counter()
+
+
+_NO_NODE = Node(id="", host="", raylet_port=0, cpus=0.0, gpus=0.0)
+
+
+def _short(nodes: set[str]) -> str:
+    return ", ".join(sorted(n[:8] for n in nodes))
 
 
 def _describe(error: BaseException) -> str:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
+
+from cogdist.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node of the cluster, as the driver sees it now."""
+
+    id: str
+    host: str
+    raylet_port: int
+    cpus: float
+    gpus: float
+    draining: bool = False
+    """Drained (`ray drain-node`, a spot notice through KubeRay): it gets no new work."""
 
 
 @dataclass
@@ -21,6 +38,8 @@ class Cluster:
     start_seconds: float
     max_node_gpus: float = 0.0  # GPUs of its largest node
     reaper: subprocess.Popen | None = None
+    nodes: tuple[Node, ...] = ()
+    """Its alive nodes when the job started."""
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> Cluster:
@@ -34,12 +53,26 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
     if ray.is_initialized():
         pass
     elif address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        target = address or os.environ["RAY_ADDRESS"]
+        try:
+            ray.init(address=target, logging_level=logging.WARNING)
+        except Exception as e:
+            if type(e).__name__ != "AuthenticationError":
+                raise
+            raise UsageError(
+                f"the Ray cluster at {target} refused this driver: {str(e).splitlines()[0]}. A cluster "
+                "with token authentication (the default of `ray start --head` since Ray 2.60) needs "
+                "RAY_AUTH_MODE=token here, and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(`ray get-auth-token` on the head prints it)"
+            ) from None
     else:
         from cogdist.executor import reaper as reaper_module
 
         reaper = reaper_module.start()
         owned = True
+        # Token auth stays on, as Ray 2.60 starts a local instance; said explicitly, Ray does not
+        # warn about it on every run. A user's own RAY_AUTH_MODE is respected.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # address="local": never attach to a cluster that `ray start` left on this machine.
         ray.init(
             address="local",
@@ -48,16 +81,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
             logging_level=logging.WARNING,
         )
     resources = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = alive_nodes()
     return Cluster(
         address=ray.get_runtime_context().gcs_address,
         owned=owned,
         cpus=resources.get("CPU", 0.0),
         gpus=resources.get("GPU", 0.0),
-        max_node_cpus=max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0),
-        max_node_gpus=max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0),
+        max_node_cpus=max((n.cpus for n in nodes), default=0.0),
+        max_node_gpus=max((n.gpus for n in nodes), default=0.0),
         start_seconds=time.perf_counter() - start,
         reaper=reaper,
+        nodes=tuple(nodes),
     )
 
 
@@ -72,3 +106,53 @@ def disconnect(cluster: Cluster) -> None:
         from cogdist.executor import reaper as reaper_module
 
         reaper_module.stop(cluster.reaper)
+
+
+def alive_nodes() -> list[Node]:
+    """The cluster's alive nodes, with those being drained marked."""
+    import ray
+
+    draining: dict[str, int] = {}
+    with contextlib.suppress(Exception):  # a private call: without it, no node is seen draining
+        from ray._private.state import state
+
+        draining = state.get_draining_nodes()
+    return [
+        Node(
+            id=n["NodeID"],
+            host=n["NodeManagerAddress"],
+            raylet_port=int(n["NodeManagerPort"]),
+            cpus=n["Resources"].get("CPU", 0.0),
+            gpus=n["Resources"].get("GPU", 0.0),
+            draining=n["NodeID"] in draining,
+        )
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def gangs_fitting(nodes: list[Node], bundle: dict[str, float], size: int) -> int:
+    """How many gangs of `size` such bundles the nodes hold when empty (a gang never spans nodes)."""
+    total = 0
+    for node in nodes:
+        if node.draining:
+            continue
+        have = {"CPU": node.cpus, "GPU": node.gpus}
+        total += min(int(have.get(name, 0.0) // (amount * size)) for name, amount in bundle.items() if amount)
+    return total
+
+
+def node_gone(node_id: str, nodes: list[Node], known: dict[str, Node]) -> bool:
+    """Whether a node the job used has left: the GCS no longer lists it alive, or its raylet does
+    not answer (the GCS notices a killed node only after its health checks, seconds later)."""
+    alive = {n.id for n in nodes}
+    if node_id not in alive:
+        return True
+    node = known.get(node_id)
+    if node is None:
+        return False
+    try:
+        with socket.create_connection((node.host, node.raylet_port), timeout=2.0):
+            return False
+    except OSError:
+        return True

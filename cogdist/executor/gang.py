@@ -2,7 +2,8 @@
 
 Ray has no primitive for actors that fail together, so a ReplicaGang owns its placement group and its
 actors (`max_restarts=0`): on any member's death the engine kills the rest, removes the group
-and builds a new gang (the pattern of Ray Train's worker group and vLLM's Ray executor).
+and builds a new gang (the pattern of Ray Train's worker group and vLLM's Ray executor). What a
+failure costs is decided by cogdist.failures.FailurePolicy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cogdist.work import WorkUnit
@@ -43,16 +44,6 @@ class GangState(Enum):
     STARTING = "starting"
     READY = "ready"
     DEAD = "dead"
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """How often a replica may be rebuilt before the engine gives up on it."""
-
-    max_restarts: int = 3
-
-    def should_restart(self, restarts_so_far: int) -> bool:
-        return restarts_so_far < self.max_restarts
 
 
 class ReplicaGang:
@@ -94,8 +85,23 @@ class ReplicaGang:
         return self.setup_refs
 
     def placement_ready(self) -> bool:
+        if self.group is None:
+            return False
         ready, _ = ray.wait([self.group.ready()], timeout=0)
         return bool(ready)
+
+    def node_ids(self) -> set[str]:
+        """The Ray nodes its placement group's bundles are on (empty until it is placed)."""
+        if self.group is None:
+            return set()
+        with contextlib.suppress(Exception):
+            table = placement_group_table(self.group)
+            return {node for node in table.get("bundles_to_node_id", {}).values() if node}
+        return set()
+
+    def total_bundle(self) -> dict[str, float]:
+        """The whole gang as one bundle: what a node must hold (an autoscaler request)."""
+        return {name: amount * self.spec.size for name, amount in self.spec.bundle().items()}
 
     def submit(self, unit: WorkUnit) -> ray.ObjectRef:
         """Every rank gets the unit; rank 0's result is the unit's result."""

@@ -36,6 +36,7 @@ from cogdist.models.spec import (
     ModelSpec,
     SequencePlan,
     SizeRule,
+    estimate_parameters,
 )
 from cogdist.models.trust import check_folder_index, check_index
 
@@ -163,7 +164,8 @@ def spec_from_index(
         )
     family_name, tasks = PIPELINE_FAMILIES[class_name]
     try:
-        return FAMILIES[family_name].from_configs(name, source, tasks, read)
+        spec = FAMILIES[family_name].from_configs(name, source, tasks, read)
+        return replace(spec, parameters=estimate_parameters(read("transformer/config.json")))
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ModelError(f"cannot read the configs of {name}: {e}") from e
 

@@ -133,6 +133,22 @@ class FrameRule:
         return f"{2 * self.step}k+1 in {self.min_frames}..{self.max_frames}"
 
 
+CPU_PARAMETERS = 1_000_000_000
+"""Above this many transformer parameters a model never renders on CPUs under `--device auto`."""
+
+
+def estimate_parameters(transformer_config: dict) -> int:
+    """A transformer's parameters from its config: 12 x layers x width^2 (attention 4 w^2, MLP 8 w^2),
+    within ~30% for CogView4 (6B), CogVideoX (2B, 5B) and GLM-Image's decoder."""
+    layers = transformer_config.get("num_layers") or transformer_config.get("num_hidden_layers") or 0
+    heads, head_dim = (
+        transformer_config.get("num_attention_heads", 0),
+        transformer_config.get("attention_head_dim", 0),
+    )
+    width = heads * head_dim or transformer_config.get("hidden_size", 0)
+    return 12 * int(layers) * int(width) ** 2
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the driver needs to know about a model before any worker loads it."""
@@ -180,6 +196,15 @@ class ModelSpec:
     """Load .bin/.pt pickle weights of a component that has no safetensors (--allow-pickle-weights)."""
     trust_remote_code: bool = False
     """Let diffusers import Python code that ships with the checkpoint (--trust-remote-code)."""
+    parameters: int = 0
+    """The transformer's parameters, estimated from its config (0: unknown, as for the presets of
+    real checkpoints); see `fits_on_cpus`."""
+
+    @property
+    def fits_on_cpus(self) -> bool:
+        """Small enough to render on CPUs when no GPU is there (`--device auto`): a tiny preset or a
+        checkpoint of at most CPU_PARAMETERS parameters by its configs; never a real checkpoint."""
+        return self.tiny or 0 < self.parameters <= CPU_PARAMETERS
 
     @property
     def conditioning(self) -> frozenset[str]:

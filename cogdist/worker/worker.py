@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cogdist.errors import GangBroken
+from cogdist.errors import ConfigurationError, GangBroken
+from cogdist.failures import broken_collective, configuration_problem
 from cogdist.metrics import timing_steps
 from cogdist.models.registry import ModelSpec
 from cogdist.sink.encode import encode_image, encode_video
@@ -33,15 +34,13 @@ from cogdist.worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from cogdist.parallel.group import GangGroup
 
-# How torch reports a failed gloo/NCCL collective when it raises a plain RuntimeError.
-_COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
-
 
 @dataclass(frozen=True)
 class WorkerInfo:
     rank: int
     pid: int
     node: str
+    """The Ray node id (the host name outside Ray)."""
     device: str
     dtype: str
     load_seconds: float
@@ -62,6 +61,7 @@ class RenderWorker:
         self.world_size = world_size
         self.pipe = None
         self.gang: GangGroup | None = None
+        self.node = node_id()
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: where the gang's process group meets (an address and free port of this node)."""
@@ -73,8 +73,17 @@ class RenderWorker:
         """Join the gang, load the pipeline and apply the gang's parallelism.
 
         Called once, after Ray has set the visible GPUs. The group forms before loading, so that a
-        missing peer fails within the init timeout instead of after minutes of loading.
+        missing peer fails within the init timeout instead of after minutes of loading. A failure
+        that no rebuild can fix (cogdist.failures.configuration_problem) is a ConfigurationError.
         """
+        try:
+            return self._setup(address)
+        except Exception as e:
+            if configuration_problem(e):
+                raise ConfigurationError(f"rank {self.rank}: {type(e).__name__}: {e}") from e
+            raise
+
+    def _setup(self, address: tuple[str, int] | None) -> WorkerInfo:
         import diffusers
         import torch
         import transformers
@@ -127,7 +136,7 @@ class RenderWorker:
         return WorkerInfo(
             rank=self.rank,
             pid=os.getpid(),
-            node=os.uname().nodename,
+            node=self.node,
             device=str(self.device),
             dtype=name,
             load_seconds=time.perf_counter() - start,
@@ -143,7 +152,7 @@ class RenderWorker:
             import torch.distributed as dist
 
             # A collective that failed means a peer is gone or stuck: the gang, not the row.
-            if isinstance(e, dist.DistError) or any(word in str(e) for word in _COLLECTIVE_WORDS):
+            if broken_collective(e, (dist.DistError,)):
                 raise GangBroken(f"rank {self.rank}: {type(e).__name__}: {e}") from e
             raise
 
@@ -250,8 +259,19 @@ class RenderWorker:
             bytes_written=len(data),
             frames=frames,
             sha256=hashlib.sha256(data).hexdigest(),
+            node=self.node,
             data=data if self.settings.return_outputs else None,
         )
+
+
+def node_id() -> str:
+    """This process's Ray node id; the host name where it runs without Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # no Ray here (a lent GPU machine), or not inside a Ray worker
+        return os.uname().nodename
 
 
 @contextlib.contextmanager
