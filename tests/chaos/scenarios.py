@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from tests.chaos.fleet import spot_week
 from tests.chaos.harness import (
     STEPS,
     Outcome,
@@ -35,6 +36,7 @@ from tests.chaos.workers import (
     malformed_manifests,
     out_of_memory,
     poison_rows,
+    preemptions,
     step_checkpoint_kill,
     worker_kills,
 )
@@ -99,10 +101,13 @@ def driver_kills(
 
 # name -> scenario(workdir) -> Outcome; the report lists them in this order.
 SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
-    "driver-kills-local": partial(driver_kills, storage="local"),
-    "driver-kills-s3": partial(driver_kills, storage="s3"),
+    # At the size users run: 50 kills over 500 rows (CI runs 10 over 120: tests/chaos/test_driver_kills.py).
+    "driver-kills-local": partial(driver_kills, storage="local", kills=50, rows=500),
+    "driver-kills-s3": partial(driver_kills, storage="s3", kills=50, rows=500),
     "worker-kills": worker_kills,
     "gang-member-kills": gang_member_kills,
+    "preemptions": preemptions,
+    "spot-week": partial(spot_week, kills=10),
     "storage-outage": storage_outage,
     "storage-outage-stops": storage_outage_stops,
     "poison-rows": poison_rows,

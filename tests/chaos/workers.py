@@ -79,35 +79,50 @@ def _kill_workers(
 
 
 def worker_kills(
-    workdir: Path, kills: int = 5, rows: int | None = None, seed: int = 7, sp: int = 1, steps: int = STEPS
+    workdir: Path,
+    kills: int = 5,
+    rows: int | None = None,
+    seed: int = 7,
+    sp: int = 1,
+    steps: int = STEPS,
+    replicas: int | None = None,
 ) -> Outcome:
     """SIGKILL a busy worker process `kills` times during one run: each time its replica is
-    rebuilt and its unit re-queued; with --max-retries 0 any kill blamed on a row would show.
-    With `sp` 2 the workers are gang members: a member killed mid-denoising breaks its peer's
-    collective, and the gang is rebuilt as one. `rows` defaults to what every kill needs to land
-    on a machine up to FASTEST times this one's speed."""
+    rebuilt and its unit re-queued; with --max-retries 0 any kill blamed on a row would show, and
+    with the default --max-gang-restarts (3) a replica whose failures were counted over the
+    whole run instead of in a row would be given up. With `sp` 2 the workers are gang members: a
+    member killed mid-denoising breaks its peer's collective, and the gang is rebuilt as one.
+    `replicas` 1: one replica preempted again and again. `rows` defaults to what every kill needs
+    to land on a machine up to FASTEST times this one's speed."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     # With 2 replicas a re-queued unit waits behind the survivor's held units; one gang renders
     # it first once rebuilt.
-    gap = (1, 2) if sp > 1 else (4, 8)
+    gap = (1, 2) if sp > 1 else (2, 3) if replicas == 1 else (4, 8)
     needed = kills * (gap[1] + rows_per_commit()) + 1
     rows = rows or needed
     manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
     out = str(workdir / "out")
-    command = render_command(
-        manifest, out, "--max-retries", "0", "--max-gang-restarts", str(kills + 2), steps=steps
-    )
+    command = render_command(manifest, out, "--max-retries", "0", steps=steps)
     if sp > 1:
-        command[command.index("--replicas") + 1] = "1"  # one gang of `sp` on 2 cores
+        replicas = 1  # one gang of `sp` on 2 cores
         command += ["--sp", str(sp), "--collective-timeout", "30"]
+    if replicas is not None:
+        command[command.index("--replicas") + 1] = str(replicas)
     made, code, said = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs", gap)
     found = audit(out, ids)
+    name, injected = "worker-kills", "SIGKILL of a worker process mid-render (--max-retries 0)"
+    if sp > 1:
+        name, injected = (
+            "gang-member-kills",
+            f"SIGKILL of one member of a {sp}-GPU gang (--sp {sp}) mid-render",
+        )
+    elif replicas == 1:
+        name = "preemptions"
+        injected = "the one replica's worker SIGKILLed after each stretch of progress (default --max-gang-restarts 3)"
     outcome = found.outcome(
-        "gang-member-kills" if sp > 1 else "worker-kills",
-        f"SIGKILL of one member of a {sp}-GPU gang (--sp {sp}) mid-render"
-        if sp > 1
-        else "SIGKILL of a worker process mid-render (--max-retries 0)",
+        name,
+        injected,
         len(made),
         time.monotonic() - started,
         f"seed {seed}, {rows} rows, {steps} steps; kills at: {'; '.join(made)}; run exit {code}; "
@@ -122,6 +137,12 @@ def worker_kills(
 
 def gang_member_kills(workdir: Path, steps: int = STEPS) -> Outcome:
     return worker_kills(workdir, kills=3, seed=11, sp=2, steps=steps)
+
+
+def preemptions(workdir: Path, kills: int = 10, steps: int = STEPS, rows: int | None = None) -> Outcome:
+    """One replica preempted `kills` times over a run, each after progress: it is rebuilt every
+    time (a rendered unit resets its count of failures in a row), and the job ends with exit 0."""
+    return worker_kills(workdir, kills=kills, seed=13, steps=steps, replicas=1, rows=rows)
 
 
 def poison_rows(workdir: Path, rows: int = 24, poisoned: int = 4) -> Outcome:
