@@ -28,6 +28,8 @@ def test_demo_render_then_rerun_renders_nothing(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "24 rendered, 0 already done, 0 failed of 24 rows" in first.stdout
     assert "render: 100%" in first.stderr and "item/s" in first.stderr  # the progress bar
+    # The embedded instance keeps Ray's token auth on, without Ray's warning on every run.
+    assert "Token authentication" not in first.stderr
 
     table, location = read_table(str(out))
     assert table.num_rows == 24 and len(set(table["id"].to_pylist())) == 24
@@ -53,6 +55,13 @@ def test_demo_render_then_rerun_renders_nothing(tmp_path):
 
     conflict = cli("render", str(DEMO), "--model", "tiny-cogview4", "--out", str(out), "--guidance", "7")
     assert conflict.returncode == 2 and "--guidance: 5.0 in OUT, 7.0 now" in conflict.stderr
+
+    # A real checkpoint never renders on CPUs under --device auto: the embedded instance, which
+    # has no GPU here and will not get one, refuses it before loading anything.
+    prompts = write_manifest(tmp_path / "prompts.parquet", [{"id": "a", "prompt": "a cat"}])
+    large = cli("render", str(prompts), "--model", "THUDM/CogVideoX-5b", "--out", str(tmp_path / "large"))
+    assert large.returncode == 2, large.stderr
+    assert "too large to render on CPUs" in large.stderr and "--device cpu" in large.stderr
 
 
 def kill_manifest(tmp_path: Path, n: int = 24) -> Path:

@@ -38,14 +38,14 @@ def rows(n: int) -> list[dict]:
 class Job:
     """A `cogdist render` driver joined to the fleet, in a session of its own, logging to a file."""
 
-    def __init__(self, tmp_path: Path, address: str, n: int, *flags: str, steps: int = 2):
+    def __init__(self, tmp_path: Path, address: str, n: int, *flags: str, steps: int = 2, env=None):
         manifest = write_manifest(tmp_path / "m.parquet", rows(n))
         self.out = str(tmp_path / "out")
         self.log = tmp_path / "driver.log"
         command = fleet_command(manifest, self.out, address, "--commit-interval", "0.5", *flags, steps=steps)
         with open(self.log, "wb") as sink:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
+                command, cwd=ROOT, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
             )
 
     def said(self) -> str:
@@ -162,3 +162,23 @@ def test_nodes_killed_and_joined_mid_run_lose_and_duplicate_nothing(tmp_path):
     print(outcome.describe())
     assert outcome.times == 2, outcome.describe()
     assert outcome.ok, outcome.describe()
+
+
+def test_on_an_autoscaling_cluster_the_job_asks_for_its_gangs_and_withdraws_at_the_end(tmp_path):
+    """A cluster with no worker node yet: the job's pending gang and its request for
+    --max-replicas gangs make the autoscaler launch nodes, the job grows onto them, and once the
+    rows have run out the request is withdrawn (`request_resources(bundles=[])`)."""
+    from tests.autoscaling import autoscaling_cluster
+
+    types = {"cpu1": {"resources": {"CPU": 1}, "max_workers": 3}}
+    with autoscaling_cluster(tmp_path, head_cpus=0, worker_types=types, idle_timeout_minutes=10) as cluster:
+        job = Job(tmp_path, cluster.address, 150, "--max-replicas", "2", steps=8, env=cluster.env)
+        job.wait_for(
+            "the job's request for 2 gangs", lambda: cluster.resource_request() == [{"CPU": 1.0}] * 2
+        )
+        assert job.finish() == 0, job.said()
+        table = index(job.out)
+        assert sorted(r["id"] for r in table) == [f"f/{i:03d}" for i in range(150)]
+        assert len({r["node"] for r in table}) == 2  # rendered on both nodes the autoscaler launched
+        assert "replica 2 " not in job.said()  # never more than --max-replicas gangs
+        assert cluster.resource_request() == []  # the rows ran out: the request is withdrawn

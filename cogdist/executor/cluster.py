@@ -70,9 +70,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
 
         reaper = reaper_module.start()
         owned = True
-        # Token auth stays on, as Ray 2.60 starts a local instance; said explicitly, Ray does not
-        # warn about it on every run. A user's own RAY_AUTH_MODE is respected.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray 2.60 turns token auth on for the instance it starts, and warns that it did on every
+        # run: auth stays on (a user's own RAY_AUTH_MODE is respected), the warning goes.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # address="local": never attach to a cluster that `ray start` left on this machine.
         ray.init(
             address="local",
