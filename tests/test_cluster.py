@@ -143,6 +143,16 @@ def test_render_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head
     assert refused.value.code in (401, 403), refused.value
 
 
+def test_a_driver_without_the_token_is_told_how_to_authenticate(tmp_path, ray_head):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "c", "prompt": "on a cluster"}])
+    env = {"RAY_AUTH_MODE": "disabled"}  # as a shell without RAY_AUTH_MODE=token: no token is sent
+    result = cli("render", str(manifest), "--model", "tiny-cogview4", "--out", str(tmp_path / "out"),
+                 "--address", ray_head.address, env=env)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"the Ray cluster at {ray_head.address} refused this driver" in result.stderr
+    assert "RAY_AUTH_MODE=token" in result.stderr and "ray get-auth-token" in result.stderr
+
+
 def submit(head: Head, entry_point: list[str], env_vars: dict[str, str] | None = None):
     """`ray job submit` of `python ENTRY_POINT` with ROOT as the working dir. It waits for the job,
     tailing its log, and ends with the job's final status, as `ray job status` prints it.

@@ -21,6 +21,10 @@ def test_progress_line_lists_replicas_or_counts_them_by_state():
     many = Progress(total=2, enabled=False, replicas=12)
     many.set_replicas(["busy"] * 9 + ["idle", "restarting", "restarting"])
     assert many.describe().endswith("| replicas 9 busy, 1 idle, 2 restarting")
+    # A fleet: replicas waiting for the cluster to place them, one draining, and the nodes in use.
+    fleet = Progress(total=4, enabled=False, replicas=3)
+    fleet.set_replicas(["busy", "draining", "waiting"], nodes=2)
+    assert fleet.describe() == "done=0 failed=0 pending=4 | replicas 0:busy 1:draining 2:waiting | nodes 2"
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:

@@ -57,10 +57,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
         try:
             ray.init(address=target, logging_level=logging.WARNING)
         except Exception as e:
-            if type(e).__name__ != "AuthenticationError":
+            refusal = _auth_refusal(e)
+            if refusal is None:
                 raise
             raise UsageError(
-                f"the Ray cluster at {target} refused this driver: {str(e).splitlines()[0]}. A cluster "
+                f"the Ray cluster at {target} refused this driver: {refusal}. A cluster "
                 "with token authentication (the default of `ray start --head` since Ray 2.60) needs "
                 "RAY_AUTH_MODE=token here, and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
                 "(`ray get-auth-token` on the head prints it)"
@@ -93,6 +94,22 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
         reaper=reaper,
         nodes=tuple(nodes),
     )
+
+
+def _auth_refusal(error: BaseException) -> str | None:
+    """The first line of a token-auth refusal anywhere in `error`'s chain, or None (another error).
+    Ray raises AuthenticationError, or a ConnectionError over the GCS client's "Unauthenticated"."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen)
+        if (
+            type(seen).__name__ == "AuthenticationError"
+            or "InvalidAuthToken" in text
+            or "Unauthenticated" in text
+        ):
+            return text.strip().splitlines()[0][:300] if text.strip() else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def disconnect(cluster: Cluster) -> None:
