@@ -86,9 +86,7 @@ class RenderOptions:
         None,
         kind=RECORDED,
     )
-    """A fixed number of gangs. Default: on a cluster the job joined (--address), as many as the
-    cluster can place now, growing as nodes join (for a CPU render only with --cpus-per-worker);
-    on the embedded instance one per GPU (divided by the gang's size), or 2 without GPUs."""
+    """A fixed number of gangs; see `cogdist.engine.plan.replica_layout` for the default."""
     max_replicas: int | None = option(
         "at most this many gangs as the cluster grows, and asked of its autoscaler",
         None,
@@ -109,8 +107,6 @@ class RenderOptions:
         kind=RECORDED,
         metavar="S",
     )
-    """Seconds a job on a joined cluster waits while no gang of it can be placed (no GPU yet, no
-    node that holds a whole gang) before it stops with what it waited for (exit 1, resumable)."""
     sp: int = option(
         "sequence-parallel degree: GPUs sharing one sample (default %(default)s)",
         1,

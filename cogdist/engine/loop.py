@@ -11,9 +11,10 @@ from typing import NamedTuple
 
 import ray
 
+from cogdist.engine.fleet import classify, waiting_for
 from cogdist.engine.plan import Plan, ReplicaLayout, replica_layout, worker_settings
-from cogdist.errors import CapacityError, ConfigurationError, GangBroken, GangError, StorageError
-from cogdist.executor.cluster import Cluster, Node, alive_nodes, node_gone
+from cogdist.errors import CapacityError, GangError, StorageError
+from cogdist.executor.cluster import Cluster, Node, alive_nodes
 from cogdist.executor.gang import GangState, ReplicaGang
 from cogdist.failures import Failure, FailureDecision, FailurePolicy, ReplicaAction, RowCharge
 from cogdist.metrics import RenderMetrics
@@ -200,7 +201,9 @@ class RenderLoop:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as e:  # RayTaskError: the worker raised; else its actor died
-            self._fail(self._classify(e, replica, unit_id), replica, ref, _describe(e))
+            used = replica.nodes or replica.gang.node_ids()
+            failure = classify(e, unit_id is None, used, self.known_nodes)
+            self._fail(failure, replica, ref, _describe(e))
             return
         del self.waiting[ref]
         if unit_id is None:
@@ -217,35 +220,6 @@ class RenderLoop:
         self.policy.rendered(replica.index)
         self.metrics.steps(result.step_seconds)
         self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
-
-    def _classify(self, error: BaseException, replica: Replica, unit_id: int | None) -> Failure:
-        """What happened, in the failure policy's terms."""
-        if isinstance(error, ray.exceptions.RayTaskError):  # the worker raised
-            if isinstance(error, GangBroken):  # raised as a RayTaskError that is also a GangBroken
-                return Failure.COLLECTIVE_BROKEN
-            if isinstance(error, StorageError):
-                return Failure.STORAGE
-            if isinstance(error, ConfigurationError):
-                return Failure.SETUP_CONFIG
-            if unit_id is None:
-                return Failure.SETUP_FAILED
-            cause = getattr(error, "cause", None)
-            if type(cause).__name__ == "OutOfMemoryError":
-                return Failure.OUT_OF_MEMORY
-            return Failure.ROW_ERROR
-        if getattr(error, "actor_init_failed", False) and "ModuleNotFoundError" in str(error):
-            return Failure.SETUP_CONFIG  # the node cannot import cogdist's worker (its image lacks it)
-        # The actor died or became unreachable: its node, or the worker alone?
-        nodes = alive_nodes()
-        self.known_nodes.update({n.id: n for n in nodes})
-        used = replica.nodes or replica.gang.node_ids()
-        if getattr(error, "preempted", False) or any(
-            self.known_nodes.get(n, _NO_NODE).draining for n in used
-        ):
-            return Failure.NODE_DRAINED
-        if any(node_gone(n, nodes, self.known_nodes) for n in used):
-            return Failure.NODE_LOST
-        return Failure.WORKER_DIED
 
     def _fail(self, failure: Failure, replica: Replica, ref: ray.ObjectRef, reason: str) -> None:
         """Carry out the policy's decision on a failure of `replica` (the call `ref` failed)."""
@@ -360,13 +334,7 @@ class RenderLoop:
         now = time.monotonic()
         if self.unplaced_since is None:
             self.unplaced_since, self.next_notice = now, now + WAITING_NOTICE_SECONDS[0]
-        gpus = self.layout.gang.gpus_per_member > 0
-        have = (
-            f"{sum(n.gpus for n in nodes):g} GPUs, at most {max((n.gpus for n in nodes), default=0):g} on one node"
-            if gpus
-            else f"at most {max((n.cpus for n in nodes), default=0):g} CPUs on one node"
-        )  # "the cluster has 0 GPUs, at most 0 on one node"
-        what = f"waiting for {self.layout.needs}: the cluster has {have}; see `ray status`"
+        what = waiting_for(self.layout, nodes)
         waited = now - self.unplaced_since
         if waited > self.options.capacity_timeout:
             raise CapacityError(
@@ -447,9 +415,6 @@ class RenderLoop:
                 "be rendered again; run the same command again to resume once the store is reachable."
             ) from None
         self.last_commit = time.perf_counter()
-
-
-_NO_NODE = Node(id="", host="", raylet_port=0, cpus=0.0, gpus=0.0)
 
 
 def _short(nodes: set[str]) -> str:

@@ -1,0 +1,52 @@
+"""What the driver reads off the cluster for the render loop: what a failed call was, in the
+failure policy's terms (a worker's error, a dead worker, a lost or drained node), and what a job
+that cannot place a gang is waiting for."""
+
+from __future__ import annotations
+
+import ray
+
+from cogdist.engine.plan import ReplicaLayout
+from cogdist.errors import ConfigurationError, GangBroken, StorageError
+from cogdist.executor.cluster import Node, alive_nodes, node_gone
+from cogdist.failures import Failure
+
+_NO_NODE = Node(id="", host="", raylet_port=0, cpus=0.0, gpus=0.0)
+
+
+def classify(error: BaseException, setup: bool, used: set[str], known: dict[str, Node]) -> Failure:
+    """What a failed call of a gang was: `setup` whether it was a member's setup, `used` the nodes
+    the gang is on, `known` every node seen so far (updated here)."""
+    if isinstance(error, ray.exceptions.RayTaskError):  # the worker raised
+        if isinstance(error, GangBroken):  # raised as a RayTaskError that is also a GangBroken
+            return Failure.COLLECTIVE_BROKEN
+        if isinstance(error, StorageError):
+            return Failure.STORAGE
+        if isinstance(error, ConfigurationError):
+            return Failure.SETUP_CONFIG
+        if setup:
+            return Failure.SETUP_FAILED
+        if type(getattr(error, "cause", None)).__name__ == "OutOfMemoryError":
+            return Failure.OUT_OF_MEMORY
+        return Failure.ROW_ERROR
+    if getattr(error, "actor_init_failed", False) and "ModuleNotFoundError" in str(error):
+        return Failure.SETUP_CONFIG  # the node cannot import cogdist's worker (its image lacks it)
+    # The actor died or became unreachable: its node, or the worker alone?
+    nodes = alive_nodes()
+    known.update({n.id: n for n in nodes})
+    if getattr(error, "preempted", False) or any(known.get(n, _NO_NODE).draining for n in used):
+        return Failure.NODE_DRAINED
+    if any(node_gone(n, nodes, known) for n in used):
+        return Failure.NODE_LOST
+    return Failure.WORKER_DIED
+
+
+def waiting_for(layout: ReplicaLayout, nodes: list[Node]) -> str:
+    """`waiting for a node with 4 GPUs for a gang of --sp 4: the cluster has 0 GPUs, at most 0 on
+    one node; see `ray status``."""
+    if layout.gang.gpus_per_member:
+        most = max((n.gpus for n in nodes), default=0)
+        have = f"{sum(n.gpus for n in nodes):g} GPUs, at most {most:g} on one node"
+    else:
+        have = f"at most {max((n.cpus for n in nodes), default=0):g} CPUs on one node"
+    return f"waiting for {layout.needs}: the cluster has {have}; see `ray status`"
