@@ -194,6 +194,8 @@ def render_options(job: dict) -> RenderOptions:
         model=args.model,
         out=args.out,
         replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        device=args.device,
         sp=args.sp,
         cfg_parallel=args.cfg_parallel,
     )
@@ -366,8 +368,11 @@ def test_the_rayjob_gangs_match_its_worker_pods():
     # All GPUs of one gang in one pod: STRICT_PACK can place nothing larger.
     assert options.gang_size == gpus_per_pod
     gangs_per_pod = gpus_per_pod // options.gang_size
-    # The pods KubeRay starts before submitting hold every gang the job asks for.
-    assert workers["replicas"] * gangs_per_pod >= options.replicas
+    # The job follows its cluster (no fixed --replicas) and asks the autoscaler for no more gangs
+    # than the worker group may grow to; the pods KubeRay starts first hold at least one gang.
+    assert options.replicas is None and options.max_replicas is not None
+    assert workers["maxReplicas"] * gangs_per_pod >= options.max_replicas
+    assert workers["replicas"] * gangs_per_pod >= 1
 
 
 @pytest.mark.parametrize("kind", sorted(CRD_SCHEMAS))
@@ -376,9 +381,10 @@ def test_autoscaling_bounds(kind):
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     for group in spec["workerGroupSpecs"]:
-        # minReplicas >= 1: cogdist chooses GPU or CPU rendering from the resources present when
-        # the driver connects, so a GPU group scaled to zero would make it render on CPU.
-        assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+        # A GPU group may scale to zero: a job waits for its GPU pods (--device auto never renders
+        # a real checkpoint on CPUs) and its pending gangs are what makes the autoscaler add them.
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+        assert group["maxReplicas"] >= 1
 
 
 def test_a_retried_rayjob_resumes_from_object_storage():
@@ -534,3 +540,9 @@ def test_the_shipped_schema_is_what_the_extract_script_writes(kind):
     assert extract.canonical(extract.share_repeats(expanded)) == extract.canonical(shipped)
     # Sharing is what keeps the shipped file small: the pod spec alone repeats 2 or 3 times.
     assert len(extract.canonical(expanded)) > 1.5 * len(extract.canonical(shipped))
+
+
+@pytest.mark.parametrize("kind", sorted(CRD_SCHEMAS))
+def test_token_auth_is_on_as_ray_starts_clusters(kind):
+    # KubeRay keeps the token in a Secret and gives every Ray container RAY_AUTH_MODE/RAY_AUTH_TOKEN.
+    assert cluster_spec(document(kind))["authOptions"] == {"mode": "token"}
