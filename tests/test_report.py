@@ -188,6 +188,8 @@ def test_image_job_report_renders_in_chromium_with_its_charts_and_thumbnails(job
     page = (out / "report.html").read_text()
     assert_self_contained(page)
     assert "tiny-cogview4" in page and "3 done, 0 failed" in page and "No row has failed." in page
+    # The nodes the rows were rendered on (the index's node column): one node, all 3 rows.
+    assert re.search(r"<th>nodes</th><td>1 \(\w{8}: 3 rows\)</td>", page), page[:3000]
 
     png = Image.open(out / "report.png")
     assert png.format == "PNG" and png.width == 1400 and 900 < png.height < 3000

@@ -4,6 +4,7 @@ finished rows to the job's Sink."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ FLEET_SECONDS = 2.0
 """How often the loop looks at the cluster: nodes joined, drained or gone, gangs placed."""
 WAITING_NOTICE_SECONDS = (8.0, 60.0)
 """A replica not placed after the first says what it waits for; again after each second."""
+REQUEST_SECONDS = 30.0
+"""The autoscaler hears of a changed request at most this often (a withdrawal at once)."""
 
 
 @dataclass
@@ -101,6 +104,7 @@ class RenderLoop:
         self.known_nodes: dict[str, Node] = {n.id: n for n in cluster.nodes}
         self.requested: int | None = None
         """Gangs last asked of the autoscaler (None: never asked)."""
+        self.last_request = 0.0
         self.last_fleet = 0.0
         self.unplaced_since: float | None = None
         """monotonic() since when no replica could be placed (None: one is placed or ready)."""
@@ -174,9 +178,10 @@ class RenderLoop:
                 if not self.commit_failed:  # it failed for --storage-timeout: do not wait again
                     self._commit(flush=True)
             finally:
-                self._request(0)
                 for replica in self.replicas:  # removes every placement group the job made
                     replica.gang.kill()
+                with contextlib.suppress(Exception):  # the cluster may be gone with the driver's error
+                    self._request(0)
                 self.progress.close()
 
     def _dispatch(self) -> None:
@@ -353,10 +358,13 @@ class RenderLoop:
             or (self.requested is None and not gangs)
         ):
             return
+        now = time.monotonic()
+        if gangs and self.requested and now - self.last_request < REQUEST_SECONDS:
+            return  # a shrinking count need not reach the autoscaler every few seconds; 0 does
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[self.replicas[0].gang.total_bundle()] * gangs if gangs else [])
-        self.requested = gangs
+        self.requested, self.last_request = gangs, now
 
     def _units_left(self, rows: int) -> int:
         return max(1, math.ceil(rows / self.options.batch_size))

@@ -58,12 +58,15 @@ class ReplicaGang:
         self.state = GangState.DEAD
         self.actors: list[Any] = []
         self.group = None
+        self.placed: ray.ObjectRef | None = None
+        """Resolves once the placement group is placed (one ref per group: each ready() makes one)."""
         self.setup_refs: list[ray.ObjectRef] = []
         self.started_at = 0.0
 
     def start(self) -> list[ray.ObjectRef]:
         """Reserve the placement group and start the actors; returns the refs of their setup."""
         self.group = placement_group([self.spec.bundle()] * self.spec.size, strategy="STRICT_PACK")
+        self.placed = self.group.ready()
         remote_class = ray.remote(self.worker_class)
         self.actors = [
             remote_class.options(
@@ -87,7 +90,7 @@ class ReplicaGang:
     def placement_ready(self) -> bool:
         if self.group is None:
             return False
-        ready, _ = ray.wait([self.group.ready()], timeout=0)
+        ready, _ = ray.wait([self.placed], timeout=0)
         return bool(ready)
 
     def node_ids(self) -> set[str]:
@@ -115,5 +118,5 @@ class ReplicaGang:
         if self.group is not None:
             with contextlib.suppress(Exception):
                 remove_placement_group(self.group)
-        self.actors, self.group, self.setup_refs = [], None, []
+        self.actors, self.group, self.placed, self.setup_refs = [], None, None, []
         self.state = GangState.DEAD

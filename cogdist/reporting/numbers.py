@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -140,6 +140,8 @@ class JobData:
     """replica of every done row; None for an index written before cogdist recorded it."""
     ids: list[str]
     reasons: list[FailureReason]
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Done rows per Ray node that rendered them (empty for an index without the `node` column)."""
 
     @property
     def done(self) -> int:
@@ -169,8 +171,9 @@ def read_job(location: Location) -> JobData:
     record = json.loads(location.read_bytes(JOB_RECORD))
     schema = read_schema(location, INDEX)
     columns = ["id", "finished_at", "render_seconds"]
-    has_replicas = schema is not None and "replica" in schema.names
-    table = read_table(location, INDEX, columns + ["replica"] if has_replicas else columns)
+    extra = [name for name in ("replica", "node") if schema is not None and name in schema.names]
+    has_replicas = "replica" in extra
+    table = read_table(location, INDEX, columns + extra)
     if table is None:
         table = pa.table(
             {
@@ -194,7 +197,14 @@ def read_job(location: Location) -> JobData:
         replicas=replicas,
         ids=ids.to_pylist(),
         reasons=failure_reasons(read_table(location, FAILURES), ids.combine_chunks()),
+        nodes=_counts(table["node"]) if "node" in table.column_names else {},
     )
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    """How often each non-null value occurs, most often first."""
+    counts = column.drop_null().value_counts().to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: -c["counts"])}
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,10 @@ def header_lines(job: JobData, summary: Summary | None) -> list[tuple[str, str]]
         shape += f", {settings['num_frames']} frames @ {settings.get('fps')} fps"
     lines.append(("defaults", f"{shape}, {settings.get('format')}"))
     lines.append(("rows", f"{job.done} done, {job.failed} failed"))
+    if job.nodes:
+        shown = ", ".join(f"{node[:8]}: {rows} rows" for node, rows in list(job.nodes.items())[:8])
+        more = f", {len(job.nodes) - 8} more" if len(job.nodes) > 8 else ""
+        lines.append(("nodes", f"{len(job.nodes)} ({shown}{more})"))
     if summary is None:
         lines.append(("time", "no row has finished yet"))
     else:
