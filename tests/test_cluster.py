@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +56,7 @@ def ray_status(address: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ray_head():
     port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")  # short: it holds Unix sockets
     # The venv's bin first on PATH, as on a node whose image has cogdist's Python: a submitted
     # entry point `python jobs/render.py` finds the interpreter the head runs.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -80,6 +83,11 @@ def ray_head():
             "--ray-client-server-port",
             str(client_port),
             "--disable-usage-stats",
+            # A temp dir of its own: a submitted job's driver finds its cluster as Ray's "auto"
+            # (the job supervisor resolves it from TEMP_DIR/ray_current_cluster), which in the
+            # shared /tmp/ray names whichever Ray another test process started last.
+            "--temp-dir",
+            temp_dir,
         ],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -112,6 +120,7 @@ def ray_head():
     with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(timeout=20)
     reap_session(sid)  # what outlives the head (the jobs' workers): SIGKILL
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_render_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head):

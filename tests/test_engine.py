@@ -96,7 +96,7 @@ def test_a_setup_that_fails_on_configuration_stops_the_job_at_once(ray_session, 
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(3))
     worker = failing_setup(tmp_path, ModuleNotFoundError("No module named 'xformers'"))
     options = RenderOptions(str(manifest), "tiny-cogview4", str(tmp_path / "out"), **ONE_QUIET_REPLICA)
-    with pytest.raises(ConfigurationError, match="xformers.*rebuilding them would not help") as raised:
+    with pytest.raises(ConfigurationError, match="rebuilding them would not help.*xformers") as raised:
         engine.run(options, worker_class=worker)
     assert raised.value.exit_code == EXIT_REFUSED
     assert len(list(tmp_path.glob("setup-*"))) == 1  # never rebuilt

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from tests.chaos.fleet import fleet_command, local_cluster, spot_week
+from tests.chaos.fleet import fleet_command, local_cluster
 from tests.conftest import ROOT, committed_rows, reap_session, write_manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("fleet"), pytest.mark.timeout(900)]
@@ -116,7 +116,7 @@ def test_gpus_that_come_late_are_waited_for_and_used(fleet, tmp_path):
 
 def test_a_drained_node_gets_no_new_unit_and_sigint_leaves_no_placement_group(fleet, tmp_path):
     second = fleet.add_node(num_cpus=1)
-    job = Job(tmp_path, fleet.address, 200, "--max-in-flight", "2")
+    job = Job(tmp_path, fleet.address, 2000, "--max-in-flight", "2")  # SIGINT ends it long before
     try:
         job.wait_for(
             "rows on both nodes",
@@ -153,32 +153,3 @@ def test_a_drained_node_gets_no_new_unit_and_sigint_leaves_no_placement_group(fl
             fleet.remove_node(second)
         if job.process.poll() is None:
             job.process.kill()
-
-
-def test_nodes_killed_and_joined_mid_run_lose_and_duplicate_nothing(tmp_path):
-    """The CI-sized `spot-week` chaos scenario: a node joins (the job grows onto it), then twice a
-    node is SIGKILLed and a fresh one joins; the job finishes by itself, every id once."""
-    outcome = spot_week(tmp_path, kills=2, gap=(2, 4), steps=8)
-    print(outcome.describe())
-    assert outcome.times == 2, outcome.describe()
-    assert outcome.ok, outcome.describe()
-
-
-def test_on_an_autoscaling_cluster_the_job_asks_for_its_gangs_and_withdraws_at_the_end(tmp_path):
-    """A cluster with no worker node yet: the job's pending gang and its request for
-    --max-replicas gangs make the autoscaler launch nodes, the job grows onto them, and once the
-    rows have run out the request is withdrawn (`request_resources(bundles=[])`)."""
-    from tests.autoscaling import autoscaling_cluster
-
-    types = {"cpu1": {"resources": {"CPU": 1}, "max_workers": 3}}
-    with autoscaling_cluster(tmp_path, head_cpus=0, worker_types=types, idle_timeout_minutes=10) as cluster:
-        job = Job(tmp_path, cluster.address, 150, "--max-replicas", "2", steps=8, env=cluster.env)
-        job.wait_for(
-            "the job's request for 2 gangs", lambda: cluster.resource_request() == [{"CPU": 1.0}] * 2
-        )
-        assert job.finish() == 0, job.said()
-        table = index(job.out)
-        assert sorted(r["id"] for r in table) == [f"f/{i:03d}" for i in range(150)]
-        assert len({r["node"] for r in table}) == 2  # rendered on both nodes the autoscaler launched
-        assert "replica 2 " not in job.said()  # never more than --max-replicas gangs
-        assert cluster.resource_request() == []  # the rows ran out: the request is withdrawn

@@ -162,6 +162,7 @@ STARTING = "starting"  # worker actors exist, this attempt has committed nothing
 RENDER = "render"  # after N rows of this attempt: a unit in flight, outputs stored, not indexed
 COMMIT = "commit"  # after N rows of this attempt: just after a commit
 STARTUP_POINTS = (LAUNCH, SCANNED, STARTING)
+KILL_KINDS = (*STARTUP_POINTS, RENDER, COMMIT)
 
 
 @dataclass(frozen=True)
