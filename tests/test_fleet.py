@@ -1,6 +1,7 @@
 """Jobs on a fleet that changes under them, on real multi-node Ray on one machine
-(`ray.cluster_utils.Cluster`: real raylets that join, drain and die): GPUs that come late,
-a cluster that never gets them, a drained node, SIGINT, and nodes killed and joined mid-run.
+(`ray.cluster_utils.Cluster`: real raylets that join, drain and die): GPUs that come late, a
+cluster that never gets them, a drained node and SIGINT (nodes killed and joined mid-run, and an
+autoscaling cluster: tests/test_fleet_growth.py).
 Every wait is for a point of the job's progress (a line it printed, rows it indexed), bounded."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("fleet"), pytest.mark.tim
 
 RAY = Path(sys.executable).with_name("ray")
 BOUND = 300.0  # seconds any one wait may take before the test fails (a bound, not a pace)
+_WITH_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,10 @@ class Job:
         self.out = str(tmp_path / "out")
         self.log = tmp_path / "driver.log"
         command = fleet_command(manifest, self.out, address, "--commit-interval", "0.5", *flags, steps=steps)
+        # SIGINT at its default in the driver, whatever this process inherited: a command started
+        # in the background by a non-interactive shell (CI scripts, `cmd &`) ignores SIGINT, and a
+        # Python started so never turns it into KeyboardInterrupt.
+        command = [sys.executable, "-c", _WITH_SIGINT, *command]
         with open(self.log, "wb") as sink:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
@@ -116,7 +122,7 @@ def test_gpus_that_come_late_are_waited_for_and_used(fleet, tmp_path):
 
 def test_a_drained_node_gets_no_new_unit_and_sigint_leaves_no_placement_group(fleet, tmp_path):
     second = fleet.add_node(num_cpus=1)
-    job = Job(tmp_path, fleet.address, 2000, "--max-in-flight", "2")  # SIGINT ends it long before
+    job = Job(tmp_path, fleet.address, 1000, "--max-in-flight", "2")  # SIGINT ends it long before
     try:
         job.wait_for(
             "rows on both nodes",

@@ -107,7 +107,7 @@ SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
     "worker-kills": worker_kills,
     "gang-member-kills": gang_member_kills,
     "preemptions": preemptions,
-    "spot-week": partial(spot_week, kills=10),
+    "spot-week": partial(spot_week, kills=10, rows=1300),
     "storage-outage": storage_outage,
     "storage-outage-stops": storage_outage_stops,
     "poison-rows": poison_rows,
