@@ -238,15 +238,10 @@ class RenderLoop:
             return
         # The gang goes: every call it has in flight is settled. Only the oldest unit was being
         # rendered; the ones queued behind it are re-queued free.
-        held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
-        for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
-            del self.waiting[key]
         failed = []
-        for position, unit_id in enumerate(held):
+        for position, unit_id in enumerate(self._tear_down(replica)):
             charge = decision.rows if position == 0 else RowCharge.FREE
             failed += self.scheduler.requeue(unit_id, charge, reason)
-        replica.gang.kill()
-        replica.nodes, replica.draining = set(), False
         replica.last_error = reason
         self._show_replicas()
         self._record([], failed)
@@ -261,6 +256,16 @@ class RenderLoop:
             return
         replica.rebuilds += 1
         self._start(replica)
+
+    def _tear_down(self, replica: Replica) -> list[int]:
+        """Kill a replica's gang (its placement group goes too) and drop its calls in flight;
+        returns the units it held, oldest (the one being rendered) first."""
+        held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
+        for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
+            del self.waiting[key]
+        replica.gang.kill()
+        replica.nodes, replica.draining = set(), False
+        return held
 
     def _add_replica(self) -> Replica:
         spec, out_uri, settings, worker_class = self.worker_args
@@ -319,10 +324,7 @@ class RenderLoop:
 
     def _retire(self, replica: Replica, reason: str) -> None:
         """Move a replica that holds no unit off its node (charged to nobody)."""
-        replica.gang.kill()
-        for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
-            del self.waiting[key]
-        replica.nodes, replica.draining = set(), False
+        self._tear_down(replica)
         self.progress.write(
             f"cogdist: replica {replica.index}: {reason}; rebuilding it where the cluster has room"
         )
