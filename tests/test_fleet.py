@@ -57,14 +57,15 @@ class Job:
     def said(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, what: str, ready) -> None:
+    def wait_for(self, what: str, ready, every: float = 0.2) -> None:
+        """Until `ready()`; `every`: seconds between looks (a look that starts a process costs ~1 s of CPU)."""
         deadline = time.monotonic() + BOUND
         while not ready():
             assert self.process.poll() is None, (
                 f"the job exited {self.process.returncode} before {what}:\n{self.said()}"
             )
             assert time.monotonic() < deadline, f"no {what} within {BOUND:.0f}s:\n{self.said()}"
-            time.sleep(0.2)
+            time.sleep(every)
 
     def wait_line(self, text: str) -> None:
         self.wait_for(repr(text), lambda: text in self.said())

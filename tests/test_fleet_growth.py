@@ -32,7 +32,9 @@ def test_on_an_autoscaling_cluster_the_job_asks_for_its_gangs_and_withdraws_at_t
     with autoscaling_cluster(tmp_path, head_cpus=0, worker_types=types, idle_timeout_minutes=10) as cluster:
         job = Job(tmp_path, cluster.address, 120, "--max-replicas", "2", steps=4, env=cluster.env)
         job.wait_for(
-            "the job's request for 2 gangs", lambda: cluster.resource_request() == [{"CPU": 1.0}] * 2
+            "the job's request for 2 gangs",
+            lambda: cluster.resource_request() == [{"CPU": 1.0}] * 2,
+            every=1.0,
         )
         assert job.finish() == 0, job.said()
         table = index(job.out)

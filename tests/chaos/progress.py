@@ -215,15 +215,19 @@ SHARES = {LAUNCH: 0.1, SCANNED: 0.1, STARTING: 0.2, RENDER: 0.3, COMMIT: 0.3}
 class KillPlan:
     """The points of a job's kills, in a random order: of every ten, one before the driver prints,
     one once it has printed, two while its workers start, three mid-render and three just after a
-    commit; each RENDER or COMMIT kill after 1..`max_rows` rows of its attempt."""
+    commit (a plan of five kills or more strikes every kind at least once); each RENDER or COMMIT
+    kill after 1..`max_rows` rows of its attempt."""
 
     points: list[KillPoint] = field(default_factory=list)
 
     @classmethod
     def random(cls, kills: int, rng: random.Random, max_rows: int = 3) -> KillPlan:
-        counts = {kind: int(kills * share) for kind, share in SHARES.items()}
+        # With a kill for every kind, one each first; the rest in the shares.
+        each = 1 if kills >= len(SHARES) else 0
+        rest = kills - each * len(SHARES)
+        counts = {kind: each + int(rest * share) for kind, share in SHARES.items()}
         # What rounding left over goes to the kinds with the largest remainders, render first.
-        leftover = sorted(SHARES, key=lambda kind: ((kills * SHARES[kind]) % 1, SHARES[kind]), reverse=True)
+        leftover = sorted(SHARES, key=lambda kind: ((rest * SHARES[kind]) % 1, SHARES[kind]), reverse=True)
         for kind in leftover[: kills - sum(counts.values())]:
             counts[kind] += 1
         points = [

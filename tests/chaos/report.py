@@ -148,7 +148,7 @@ def render_doc(entries: list[dict], others: list[tuple[str, dict[str, dict]]] | 
         "to nobody when the node went away (`spot-week`: nodes SIGKILLed and fresh ones joined through",
         "one run, the job growing onto them by itself), and never adding up over a long run",
         "(`preemptions`: one replica preempted 10 times, exit 0 with the default `--max-gang-restarts`",
-        "3, which counts failures in a row). CI runs shorter versions that still kill: the driver 7",
+        "3, which counts failures in a row). CI runs shorter versions that still kill: the driver 5",
         "times per store, one of each kind (`tests/chaos/test_driver_kills.py`), one replica preempted 10",
         "times (`test_preemption.py`), a node kill between two joins (`tests/test_fleet_growth.py`).",
         "",

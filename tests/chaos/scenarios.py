@@ -101,7 +101,7 @@ def driver_kills(
 
 # name -> scenario(workdir) -> Outcome; the report lists them in this order.
 SCENARIOS: dict[str, Callable[[Path], Outcome]] = {
-    # At the size users run: 50 kills over 500 rows (CI runs 7, one of each kind: tests/chaos/test_driver_kills.py).
+    # At the size users run: 50 kills over 500 rows (CI runs 5, one of each kind: tests/chaos/test_driver_kills.py).
     "driver-kills-local": partial(driver_kills, storage="local", kills=50, rows=500),
     "driver-kills-s3": partial(driver_kills, storage="s3", kills=50, rows=500),
     "worker-kills": worker_kills,

@@ -33,6 +33,11 @@ def test_a_plan_covers_every_point_in_fixed_shares_and_says_how_many_rows_it_nee
     assert [p.describe() for p in plan.points] == [
         p.describe() for p in KillPlan.random(10, random.Random(3)).points
     ]
+    for kills, counts in {5: (1, 1, 1, 1, 1), 7: (1, 1, 1, 2, 2), 50: (5, 5, 10, 15, 15)}.items():
+        plan = KillPlan.random(kills, random.Random(kills))
+        assert Counter(p.kind for p in plan.points) == dict(
+            zip((LAUNCH, SCANNED, STARTING, RENDER, COMMIT), counts)
+        )
 
 
 def test_points_strike_at_their_state_of_the_job(tmp_path):
