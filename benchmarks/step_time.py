@@ -43,7 +43,7 @@ import torch
 
 from benchmarks.common import family_runner, save, set_up_worker
 from cogdist.inputs import Inputs
-from cogdist.models.registry import PRESETS, sequence_plan
+from cogdist.models.registry import PRESETS
 from cogdist.work import WorkItem
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoints"
@@ -231,20 +231,12 @@ def backend_call_counter(name: str) -> Iterator[list[int]]:
 
 def route_through_dispatcher(transformer: torch.nn.Module) -> dict:
     """Route the stock CogVideoX/CogView4 processors' `F.scaled_dot_product_attention` through
-    diffusers' dispatcher, as cogdist does under sequence parallelism, so that a backend setting
-    reaches them. Returns the replaced processors, for `restore_processors`."""
-    from cogdist.parallel.sequence import dispatched, route_sdpa_through_dispatcher
+    diffusers' dispatcher, as cogdist does for `--attention-backend` and under sequence
+    parallelism, so that a backend setting reaches them. Returns the replaced processors, for
+    `restore_processors`."""
+    from cogdist.parallel.attention import route_through_dispatcher as route
 
-    replaced = {}
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and not hasattr(processor, "_attention_backend"):
-            replaced[module] = processor
-            module.processor = dispatched(processor)
-    # The modules whose processors call SDPA themselves, as the family's plan declares them (a
-    # no-op for every processor that is not a dispatched one).
-    route_sdpa_through_dispatcher(sequence_plan(type(transformer).__name__).dispatch)
-    return replaced
+    return route(transformer)
 
 
 def restore_processors(replaced: dict) -> None:

@@ -7,10 +7,9 @@ given what diffusers 0.42 lacks for these models:
   rotary tables the same way, gather the tokens after `proj_out` (before unpatchifying). Joint
   text+image attention stays exact: Ulysses' all-to-all hands every rank the whole sequence (in
   rank order) for its heads, and unmasked attention does not depend on key order.
-- attention routed through `dispatch_attention_fn`: some stock processors (the Python modules a
-  plan's `dispatch` lists) call `F.scaled_dot_product_attention` themselves, so a plan alone would
-  attend within each rank's shard only and be silently wrong. `dispatched` redirects that one call
-  of such a processor; processors that already dispatch need nothing.
+- attention routed through `dispatch_attention_fn` (`cogdist.parallel.attention`): some stock
+  processors (the Python modules a plan's `dispatch` lists) call `F.scaled_dot_product_attention`
+  themselves, so a plan alone would attend within each rank's shard only and be silently wrong.
 - a mesh resolved without `torch.accelerator.device_count()` (zero on a CPU, where diffusers
   would divide by it).
 Where the head count or the token count does not divide by the degree, the uneven mode
@@ -20,12 +19,7 @@ that returns the log-sum-exp (flash, cuDNN), which a CPU does not have; it is of
 
 from __future__ import annotations
 
-import contextvars
-import functools
-import importlib
-import types
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,94 +32,11 @@ from diffusers.models._modeling_parallel import (
     ParallelConfig,
     gather_size_by_comm,
 )
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from cogdist.models.registry import sequence_plan
 from cogdist.models.spec import Gather, SequencePlan, Split
+from cogdist.parallel.attention import route_through_dispatcher
 from cogdist.parallel.group import GangGroup
-
-_active: contextvars.ContextVar = contextvars.ContextVar("cogdist_attention", default=None)
-"""The dispatched processor running now, if any."""
-
-
-def dispatched(processor):
-    """`processor` with its scaled-dot-product call going through diffusers' dispatcher.
-
-    A subclass rather than a wrapper: `Attention` filters its keyword arguments by the
-    processor's `__call__` signature, which the subclass keeps.
-    """
-    base = type(processor)
-
-    @functools.wraps(base.__call__)
-    def __call__(self, attn, *args, **kwargs):
-        token = _active.set(self)
-        try:
-            return base.__call__(self, attn, *args, **kwargs)
-        finally:
-            _active.reset(token)
-
-    cls = type(
-        f"Dispatched{base.__name__}",
-        (base,),
-        {
-            "__call__": __call__,
-            "_attention_backend": None,
-            "_parallel_config": None,
-        },  # set by enable_parallelism
-    )
-    routed = cls.__new__(cls)
-    routed.__dict__.update(processor.__dict__)
-    return routed
-
-
-def _scaled_dot_product_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw
-):
-    active = _active.get()
-    if active is None:
-        return F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            **kw,
-        )
-    if attn_mask is not None:
-        raise ValueError("sequence parallelism takes no attention mask: encode prompts one row at a time")
-    # SDPA's layout is (batch, heads, tokens, dim); the dispatcher's is (batch, tokens, heads, dim).
-    out = dispatch_attention_fn(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        backend=active._attention_backend,
-        parallel_config=active._parallel_config,
-    )
-    return out.transpose(1, 2)
-
-
-class _Functional(types.ModuleType):
-    """`torch.nn.functional` with `scaled_dot_product_attention` routed through the dispatcher
-    while a `DispatchedAttention` runs (and untouched otherwise)."""
-
-    def __getattr__(self, name):
-        return getattr(F, name)
-
-
-_ROUTED = _Functional("torch.nn.functional")
-_ROUTED.scaled_dot_product_attention = _scaled_dot_product_attention
-
-
-def route_sdpa_through_dispatcher(modules: Iterable[str]) -> None:
-    """Make the attention processors of these Python modules (dotted names) call the dispatcher
-    while a `dispatched` processor runs; `F.scaled_dot_product_attention` otherwise. Idempotent."""
-    for name in modules:
-        importlib.import_module(name).F = _ROUTED
 
 
 class TextOnFirstRank(ModelHook):
@@ -197,11 +108,7 @@ def apply_sequence_parallel(transformer: torch.nn.Module, gang: GangGroup, uneve
     # per call and rank in the driver's log, about code cogdist does not own.
     warnings.filterwarnings("ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning)
     plan = sequence_plan(type(transformer).__name__)
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and not hasattr(processor, "_parallel_config"):
-            module.processor = dispatched(processor)
-    route_sdpa_through_dispatcher(plan.dispatch)
+    route_through_dispatcher(transformer)
     if uneven and gang.device.type == "cpu":
         context_parallel._all_gather_anything = _padded_all_gather
     config = ParallelConfig(context_parallel_config=context_parallel_config(gang, uneven))
