@@ -76,3 +76,29 @@ def test_a_worker_renders_in_one_process_without_ray(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rendered (64, 64, 3)" in result.stdout
+
+
+def test_an_in_process_worker_beside_ray_starts_no_ray_instance(tmp_path):
+    """With Ray installed but not started (a benchmark, tests' in-process references), the worker
+    names its node by host name instead of starting a Ray instance to ask."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import os, ray
+                from cogdist.models.registry import resolve_model
+                from cogdist.worker.worker import RenderWorker, WorkerSettings
+                worker = RenderWorker(resolve_model("tiny-cogview4"), {str(tmp_path)!r}, WorkerSettings())
+                print("node", worker.node == os.uname().nodename, "ray started", ray.is_initialized())
+                """
+            ),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "node True ray started False" in result.stdout

@@ -268,10 +268,12 @@ def node_id() -> str:
     """This process's Ray node id; the host name where it runs without Ray."""
     try:
         import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # no Ray here (a lent GPU machine), or not inside a Ray worker
+    except ImportError:  # no Ray here (a lent GPU machine)
         return os.uname().nodename
+    # Outside Ray (an in-process worker), asking for the runtime context would start a Ray instance.
+    if not ray.is_initialized():
+        return os.uname().nodename
+    return ray.get_runtime_context().get_node_id()
 
 
 @contextlib.contextmanager
