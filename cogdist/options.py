@@ -37,8 +37,9 @@ from cogdist.sink.dataset import DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
 from cogdist.sink.job import JobSettings
 from cogdist.storage import RETRY_SECONDS
+from cogdist.worker.attention import AUTO, BACKENDS, NATIVE, check_attention_backend
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
-from cogdist.worker.checkpoint import CHECKPOINT_SECONDS
+from cogdist.worker.checkpoint import CHECKPOINT_SECONDS, check_step_checkpoint
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "gpu", "cpu")
@@ -228,6 +229,18 @@ class RenderOptions:
     )
     """--cache first-block: relative change of the first block's output below which the other
     blocks are skipped (default FIRST_BLOCK_THRESHOLD); higher skips more."""
+    attention_backend: str = option(
+        "diffusers attention backend of the transformer: native (default: torch's SDPA, as stock "
+        "diffusers calls it), auto (the fastest exact one the workers run), _native_cudnn, flash, "
+        "_flash_3, sage, flex, xformers, ...",
+        NATIVE,
+        kind=OUTPUT,
+        worker=True,
+        choices=(AUTO, *BACKENDS),
+        metavar="NAME",
+        record=lambda value, spec: None if value == NATIVE else value,
+    )
+    """diffusers' attention backend of the transformer; native: unchanged (cogdist.parallel.attention)."""
     address: str | None = option("Ray cluster address (default: $RAY_ADDRESS, else a local instance)", None)
     cpus_per_worker: float | None = option("logical CPUs reserved per worker", None, kind=RECORDED)
     """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
@@ -343,14 +356,6 @@ class RenderOptions:
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
         if not self.storage_timeout > 0:
             raise UsageError(f"--storage-timeout must be > 0 seconds, got {self.storage_timeout}")
-        if self.step_checkpoint is not None:
-            if self.step_checkpoint < 0:
-                raise UsageError(f"--step-checkpoint must be >= 0 steps, got {self.step_checkpoint}")
-            if self.step_checkpoint and spec.kind != "video":
-                raise UsageError(
-                    f"--step-checkpoint: {spec.name} renders an image in one short call; "
-                    "step checkpoints are for video models"
-                )
         check_step_cache(
             spec.family,
             spec.name,
@@ -359,13 +364,8 @@ class RenderOptions:
             gang_size=self.gang_size,
             batch_size=self.batch_size,
         )
-        if self.cache != NO_CACHE and self.step_checkpoint:
-            # Tested: a resumed row restarts the cache's state and differs from an uninterrupted one.
-            raise UsageError(
-                "--step-checkpoint: a render resumed from a step checkpoint starts the step cache over, "
-                "so its output would differ from an uninterrupted one: with --cache, step checkpoints "
-                "are off (drop --step-checkpoint or --cache)"
-            )
+        check_step_checkpoint(spec, self.step_checkpoint, cached=self.cache != NO_CACHE)
+        check_attention_backend(self.attention_backend, self.sp)
         if self.dataset not in SINKS:
             raise UsageError(f"--dataset {self.dataset!r}: choose one of {', '.join(SINKS)}")
         if self.shard_size < 1:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ray import cloudpickle
@@ -142,6 +143,34 @@ def failing_setup(marker_dir: Path, error: BaseException) -> type:
             raise error
 
     return FailingSetup
+
+
+def choosing_differently(marker_dir: Path, other: str) -> type:
+    """A worker that, given --attention-backend auto, chooses `other` unless it is the first to
+    start its setup (as a worker on a node with another GPU or packages would); each setup leaves
+    a file in `marker_dir` named after the backend it was given, each unit one named after the
+    backend it renders with."""
+
+    class ChoosingDifferently(RenderWorker):
+        def _setup(self, address):
+            given = self.settings.attention_backend
+            try:  # atomic: exactly one worker is the first
+                os.close(os.open(Path(marker_dir) / "first", os.O_CREAT | os.O_EXCL))
+                first = True
+            except FileExistsError:
+                first = False
+            (Path(marker_dir) / f"setup-{given}-{os.getpid()}").touch()
+            if given == "auto" and not first:
+                self.settings = replace(self.settings, attention_backend=other)
+            info = super()._setup(address)
+            self.chosen = info.attention_backend
+            return info
+
+        def render(self, unit):
+            (Path(marker_dir) / f"render-{self.chosen}-{unit.unit_id}").touch()
+            return super().render(unit)
+
+    return ChoosingDifferently
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -50,3 +50,16 @@ def waiting_for(layout: ReplicaLayout, nodes: list[Node]) -> str:
     else:
         have = f"at most {max((n.cpus for n in nodes), default=0):g} CPUs on one node"
     return f"waiting for {layout.needs}: the cluster has {have}; see `ray status`"
+
+
+def short_nodes(nodes: set[str]) -> str:
+    return ", ".join(sorted(n[:8] for n in nodes))
+
+
+def describe_error(error: BaseException) -> str:
+    """One readable line (plus detail) for an error raised in a worker."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"[:2000]
+    text = str(error).strip().splitlines()
+    return (f"{type(error).__name__}: {text[-1] if text else ''}")[:2000]

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import ray
 
-from cogdist.engine.fleet import classify, waiting_for
-from cogdist.engine.plan import Plan, ReplicaLayout, replica_layout, worker_settings
+from cogdist.engine.fleet import classify, describe_error, short_nodes, waiting_for
+from cogdist.engine.plan import Plan, ReplicaLayout, pin_attention_backend, replica_layout, worker_settings
 from cogdist.errors import CapacityError, GangError, StorageError
 from cogdist.executor.cluster import Cluster, Node, alive_nodes
 from cogdist.executor.gang import GangState, ReplicaGang
@@ -23,6 +23,7 @@ from cogdist.progress import Progress
 from cogdist.scheduler import Finished, Scheduler
 from cogdist.scheduler.pending import PendingSet
 from cogdist.sink import SINKS
+from cogdist.worker.attention import AUTO
 
 COMMIT_ROWS = 1000  # commit early when this many rows are waiting
 # A replica is handed a further unit while it renders only when what it holds should be done
@@ -208,10 +209,12 @@ class RenderLoop:
         except ray.exceptions.RayError as e:  # RayTaskError: the worker raised; else its actor died
             used = replica.nodes or replica.gang.node_ids()
             failure = classify(e, unit_id is None, used, self.known_nodes)
-            self._fail(failure, replica, ref, _describe(e))
+            self._fail(failure, replica, ref, describe_error(e))
             return
         del self.waiting[ref]
         if unit_id is None:
+            if not self._renders_with_the_jobs_attention(replica, result.attention_backend):
+                return
             replica.setup_pending.discard(ref)
             if not replica.setup_pending:
                 replica.gang.state = GangState.READY
@@ -225,6 +228,25 @@ class RenderLoop:
         self.policy.rendered(replica.index)
         self.metrics.steps(result.step_seconds)
         self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
+
+    def _renders_with_the_jobs_attention(self, replica: Replica, chosen: str) -> bool:
+        """--attention-backend auto: the first worker's choice is the job's; other choices restart."""
+        spec, out_uri, settings, worker_class = self.worker_args
+        if chosen != settings.attention_backend and settings.attention_backend != AUTO:
+            again = f"the job renders with {settings.attention_backend}: starting it again with that"
+            self.progress.write(
+                f"cogdist: replica {replica.index} chose --attention-backend {chosen}, {again}"
+            )
+            self._tear_down(replica)
+            self._start(replica)
+            return False
+        if settings.attention_backend == AUTO:
+            settings = pin_attention_backend(self.job, settings, chosen)
+            self.worker_args = (spec, out_uri, settings, worker_class)
+            for other in self.replicas:
+                other.gang.worker_args = (spec, out_uri, settings)
+            self.progress.write(f"cogdist: --attention-backend auto: {chosen} (the first worker's choice)")
+        return True
 
     def _fail(self, failure: Failure, replica: Replica, ref: ray.ObjectRef, reason: str) -> None:
         """Carry out the policy's decision on a failure of `replica` (the call `ref` failed)."""
@@ -299,15 +321,15 @@ class RenderLoop:
             holds = any(r is replica and unit is not None for r, unit in self.waiting.values())
             if replica.nodes and not replica.nodes <= alive and not holds:
                 # Its node left while it held nothing: no call will fail to tell us.
-                self._retire(replica, f"its node {_short(replica.nodes - alive)} left the cluster")
+                self._retire(replica, f"its node {short_nodes(replica.nodes - alive)} left the cluster")
             elif replica.nodes & draining and not replica.draining:
                 replica.draining = True
                 self.progress.write(
-                    f"cogdist: replica {replica.index}: node {_short(replica.nodes & draining)} is being "
+                    f"cogdist: replica {replica.index}: node {short_nodes(replica.nodes & draining)} is being "
                     "drained; it gets no new unit and moves once its units are done"
                 )
             if replica.draining and not holds and replica.ready:
-                self._retire(replica, f"node {_short(replica.nodes)} drained")
+                self._retire(replica, f"node {short_nodes(replica.nodes)} drained")
         units_left = self._units_left(self.total - self.done - self.failed)
         if self.layout.follows_cluster:
             active = [r for r in self.replicas if not r.given_up]
@@ -425,16 +447,3 @@ class RenderLoop:
                 "be rendered again; run the same command again to resume once the store is reachable."
             ) from None
         self.last_commit = time.perf_counter()
-
-
-def _short(nodes: set[str]) -> str:
-    return ", ".join(sorted(n[:8] for n in nodes))
-
-
-def _describe(error: BaseException) -> str:
-    """One readable line (plus detail) for an error raised in a worker."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {cause}"[:2000]
-    text = str(error).strip().splitlines()
-    return (f"{type(error).__name__}: {text[-1] if text else ''}")[:2000]

@@ -14,8 +14,9 @@ from cogdist.models.layout import check_layout
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
 from cogdist.sink import SINKS
-from cogdist.sink.job import JobSettings
+from cogdist.sink.job import JobSettings, recorded_setting, update_job_setting
 from cogdist.storage import Location, open_location
+from cogdist.worker.attention import AUTO, NATIVE
 from cogdist.worker.settings import WorkerSettings
 
 
@@ -43,8 +44,21 @@ def plan(options: RenderOptions) -> Plan:
     source = ManifestSource(options.manifest)
     validate_manifest(source, spec)
     out = open_location(options.out, options.storage_timeout)
+    if options.attention_backend == AUTO:
+        # A job resumed renders with the backend its first worker chose (None: native).
+        chosen = recorded_setting(out, "attention_backend", missing=AUTO)
+        options = replace(options, attention_backend=AUTO if chosen == AUTO else chosen or NATIVE)
     settings = options.job_settings(spec, source.schema.names)
     return Plan(options, spec, source, out, settings)
+
+
+def pin_attention_backend(job: Plan, settings: WorkerSettings, chosen: str) -> WorkerSettings:
+    """`--attention-backend auto` as the job's first worker resolved it: kept in OUT's job record
+    (so a resume renders with it) and given to every worker started after."""
+    value = None if chosen == NATIVE else chosen  # as the option records it
+    job.settings.settings["attention_backend"] = value
+    update_job_setting(job.out, "attention_backend", value)
+    return replace(settings, attention_backend=chosen)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from cogdist.errors import UsageError
 from cogdist.models.registry import sequence_plan
-from cogdist.worker.attention import NATIVE
+from cogdist.worker.attention import AUTO, AUTO_ORDER, CONTEXT_PARALLEL, NATIVE
 
 _active: contextvars.ContextVar = contextvars.ContextVar("cogdist_attention", default=None)
 """The dispatched processor running now, if any."""
@@ -122,17 +122,35 @@ def route_through_dispatcher(transformer: torch.nn.Module) -> dict:
     return replaced
 
 
-def apply_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
+def apply_attention_backend(transformer: torch.nn.Module, backend: str, sp: int = 1) -> str:
     """Run `transformer`'s attention with diffusers' `backend`, checked first on the model's own
     device and dtype: a backend this worker cannot run (its package missing, a device or dtype it
-    does not take) raises UsageError with diffusers' reason. "native" changes nothing."""
-    if backend == NATIVE:
-        return
-    route_through_dispatcher(transformer)
+    does not take) raises UsageError with diffusers' reason. "native" changes nothing; "auto" is
+    the first of AUTO_ORDER that runs here (with context parallelism under `sp` > 1). Returns the
+    backend applied."""
     parameter = next(transformer.parameters())
+    if backend == AUTO:
+        backend = first_that_runs(parameter.device, parameter.dtype, sp)
+    if backend == NATIVE:
+        return backend
+    route_through_dispatcher(transformer)
     check_backend_runs(backend, parameter.device, parameter.dtype)
     # diffusers' own setter: it refuses a backend without context parallelism under --sp.
     transformer.set_attention_backend(backend)
+    return backend
+
+
+def first_that_runs(device: torch.device, dtype: torch.dtype, sp: int = 1) -> str:
+    """The first backend of AUTO_ORDER this worker can run (native runs everywhere)."""
+    for candidate in AUTO_ORDER:
+        if sp > 1 and candidate not in CONTEXT_PARALLEL:
+            continue
+        try:
+            check_backend_runs(candidate, device, dtype)
+        except UsageError:
+            continue
+        return candidate
+    return NATIVE
 
 
 def check_backend_runs(backend: str, device: torch.device, dtype: torch.dtype) -> None:

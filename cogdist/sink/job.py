@@ -59,6 +59,20 @@ def check_resume(out: Location, settings: JobSettings) -> bool:
     return True
 
 
+def recorded_setting(out: Location, name: str, missing: Any = None) -> Any:
+    """OUT's job record's setting `name`; `missing` without a record (a new job)."""
+    if not out.exists(JOB_RECORD):
+        return missing
+    return json.loads(out.read_bytes(JOB_RECORD))["settings"].get(name)
+
+
+def update_job_setting(out: Location, name: str, value: Any) -> None:
+    """Set one setting of OUT's job record (a value the job's first worker resolved)."""
+    record = json.loads(out.read_bytes(JOB_RECORD))
+    record["settings"][name] = value
+    out.write_bytes(JOB_RECORD, json.dumps(record, indent=2).encode(), durable=True)
+
+
 def write_job_record(out: Location, settings: JobSettings) -> None:
     record = {
         "settings": settings.settings,

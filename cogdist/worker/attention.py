@@ -11,6 +11,12 @@ from cogdist.errors import UsageError
 
 NATIVE = "native"
 """torch's scaled_dot_product_attention, called as the stock processors call it: the default."""
+AUTO = "auto"
+"""The first of AUTO_ORDER a worker can run, chosen once per job (the job's first worker)."""
+AUTO_ORDER = ("_flash_3", "_native_cudnn", "flash", NATIVE)
+"""Exact backends, fastest first on Hopper-class GPUs: FlashAttention 3, cuDNN's fused attention
+(which torch's own SDPA ranks last), FlashAttention 2, then torch's default choice. On a CPU only
+native runs in float32."""
 
 BACKENDS = (
     "flash",
@@ -63,8 +69,10 @@ CONTEXT_PARALLEL = frozenset(
 
 def check_attention_backend(backend: str, sp: int) -> None:
     """Refuse a name diffusers does not know, and under --sp a backend without context parallelism."""
+    if backend == AUTO:
+        return
     if backend not in BACKENDS:
-        raise UsageError(f"--attention-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UsageError(f"--attention-backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
     if sp > 1 and backend not in CONTEXT_PARALLEL:
         raise UsageError(
             f"--attention-backend {backend} does not support context parallelism, which --sp {sp} "

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from cogdist.errors import StorageError
+from cogdist.errors import StorageError, UsageError
 from cogdist.patching import replaced
 from cogdist.storage import Location
 from cogdist.work import WorkItem
@@ -38,6 +38,27 @@ CHECKPOINTS = "_cogdist/checkpoints"
 CHECKPOINT_SECONDS = 300.0
 """Without --step-checkpoint, an item's state is saved after every this many seconds of denoising."""
 FORMAT = 1
+
+
+def check_step_checkpoint(spec, step_checkpoint: int | None, *, cached: bool) -> None:
+    """Refuse a --step-checkpoint that `spec` (a ModelSpec) cannot take, or that a step cache
+    (`cached`) would make wrong."""
+    if step_checkpoint is None:
+        return
+    if step_checkpoint < 0:
+        raise UsageError(f"--step-checkpoint must be >= 0 steps, got {step_checkpoint}")
+    if step_checkpoint and spec.kind != "video":
+        raise UsageError(
+            f"--step-checkpoint: {spec.name} renders an image in one short call; "
+            "step checkpoints are for video models"
+        )
+    if step_checkpoint and cached:
+        # Tested: a resumed row restarts the cache's state and differs from an uninterrupted one.
+        raise UsageError(
+            "--step-checkpoint: a render resumed from a step checkpoint starts the step cache over, "
+            "so its output would differ from an uninterrupted one: with --cache, step checkpoints "
+            "are off (drop --step-checkpoint or --cache)"
+        )
 
 
 def checkpoint_path(item: WorkItem) -> str:

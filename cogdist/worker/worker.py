@@ -44,6 +44,8 @@ class WorkerInfo:
     device: str
     dtype: str
     load_seconds: float
+    attention_backend: str = "native"
+    """The attention backend it renders with (`--attention-backend auto` resolved)."""
 
 
 class RenderWorker:
@@ -89,6 +91,7 @@ class RenderWorker:
         import transformers
 
         from cogdist.models.registry import family
+        from cogdist.parallel.attention import apply_attention_backend
         from cogdist.parallel.broadcast import drop_first_rank_models
         from cogdist.parallel.group import Layout, init_gang
         from cogdist.parallel.pipeline import parallelize
@@ -125,6 +128,8 @@ class RenderWorker:
         apply_step_cache(self.pipe, self.settings.cache, self.settings.cache_threshold)
         if self.gang is not None:
             parallelize(self.pipe, self.gang, self.family.cfg_parallel)
+        # After the parallelism: under --sp, diffusers refuses a backend without context parallelism.
+        attention = apply_attention_backend(self.pipe.transformer, self.settings.attention_backend, layout.sp)
         self.out = open_location(self.out_uri, self.settings.storage_timeout)
         self.checkpoints = None
         if self.family.step_checkpoints and self.settings.step_checkpoint != 0:
@@ -140,6 +145,7 @@ class RenderWorker:
             device=str(self.device),
             dtype=name,
             load_seconds=time.perf_counter() - start,
+            attention_backend=attention,
         )
 
     def render(self, unit: WorkUnit) -> UnitResult:
