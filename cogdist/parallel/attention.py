@@ -130,11 +130,12 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str, sp: int 
     backend applied."""
     parameter = next(transformer.parameters())
     if backend == AUTO:
-        backend = first_that_runs(parameter.device, parameter.dtype, sp)
+        backend = first_that_runs(parameter.device, parameter.dtype, sp)  # checked there
+    elif backend != NATIVE:
+        check_backend_runs(backend, parameter.device, parameter.dtype)
     if backend == NATIVE:
         return backend
     route_through_dispatcher(transformer)
-    check_backend_runs(backend, parameter.device, parameter.dtype)
     # diffusers' own setter: it refuses a backend without context parallelism under --sp.
     transformer.set_attention_backend(backend)
     return backend
