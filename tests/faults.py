@@ -39,23 +39,28 @@ def dying_worker(marker_dir: Path, victim: str) -> type:
     return DyingWorker
 
 
-def dying_member(marker_dir: Path, victim: str, rank: int) -> type:
-    """A gang member whose process exits hard in the middle of denoising `victim`, once."""
+def dying_member(marker_dir: Path, victims: dict[str, int]) -> type:
+    """A gang whose member of rank `victims[id]` exits hard in the middle of denoising that row,
+    once per row; each death leaves a file `died-<id>` in `marker_dir`."""
 
     class DyingMember(RenderWorker):
         def render(self, unit):
-            marker = Path(marker_dir) / "died"
-            if self.rank == rank and any(i.id == victim for i in unit.items) and not marker.exists():
-                calls = []
-
-                def die_on_second_step(module, args, kwargs):
-                    calls.append(1)
-                    if len(calls) == 2:
-                        marker.write_text(str(os.getpid()))
-                        os._exit(1)
-
-                self.pipe.transformer.register_forward_pre_hook(die_on_second_step, with_kwargs=True)
+            for item in unit.items:
+                marker = Path(marker_dir) / f"died-{item.id.replace('/', '_')}"
+                if victims.get(item.id) == self.rank and not marker.exists():
+                    self._die_on_second_step(marker)
             return super().render(unit)
+
+        def _die_on_second_step(self, marker: Path) -> None:
+            calls = []
+
+            def die(module, args, kwargs):
+                calls.append(1)
+                if len(calls) == 2:
+                    marker.write_text(str(os.getpid()))
+                    os._exit(1)
+
+            self.pipe.transformer.register_forward_pre_hook(die, with_kwargs=True)
 
     return DyingMember
 
@@ -149,24 +154,32 @@ def choosing_differently(marker_dir: Path, other: str) -> type:
     """A worker that, given --attention-backend auto, chooses `other` unless it is the first to
     start its setup (as a worker on a node with another GPU or packages would); each setup leaves
     a file in `marker_dir` named after the backend it was given, each unit one named after the
-    backend it renders with."""
+    backend it renders with. The first worker's first unit waits until another worker's setup
+    has ended (bounded), so that the job still has rows when the other worker's choice arrives,
+    however fast the first renders."""
 
     class ChoosingDifferently(RenderWorker):
         def _setup(self, address):
             given = self.settings.attention_backend
             try:  # atomic: exactly one worker is the first
                 os.close(os.open(Path(marker_dir) / "first", os.O_CREAT | os.O_EXCL))
-                first = True
+                self.first = True
             except FileExistsError:
-                first = False
+                self.first = False
             (Path(marker_dir) / f"setup-{given}-{os.getpid()}").touch()
-            if given == "auto" and not first:
+            if given == "auto" and not self.first:
                 self.settings = replace(self.settings, attention_backend=other)
             info = super()._setup(address)
             self.chosen = info.attention_backend
+            (Path(marker_dir) / f"ready-{os.getpid()}").touch()
             return info
 
         def render(self, unit):
+            if self.first:
+                self.first = False
+                deadline = time.monotonic() + 300  # a bound, not a pace
+                while len(list(Path(marker_dir).glob("ready-*"))) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
             (Path(marker_dir) / f"render-{self.chosen}-{unit.unit_id}").touch()
             return super().render(unit)
 

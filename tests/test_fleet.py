@@ -26,9 +26,11 @@ BOUND = 300.0  # seconds any one wait may take before the test fails (a bound, n
 _WITH_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet():
-    """One cluster for the module: a CPU-less head and one worker node of 1 CPU (kept)."""
+    """One cluster for the module's tests (its xdist group): a CPU-less head and one worker node
+    of 1 CPU (kept). Session-scoped: a module fixture was started twice in one run when pytest-xdist
+    ran another module's test between two of these."""
     with local_cluster(nodes=1) as cluster:
         yield cluster
 

@@ -96,9 +96,9 @@ def worker_kills(
     to land on a machine up to FASTEST times this one's speed."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    # With 2 replicas a re-queued unit waits behind the survivor's held units; one gang renders
-    # it first once rebuilt.
-    gap = (1, 2) if sp > 1 else (2, 3) if replicas == 1 else (4, 8)
+    # With 2 replicas a re-queued unit waits behind the survivor's held units; one replica (or
+    # gang) renders it first once rebuilt.
+    gap = (1, 2) if sp > 1 or replicas == 1 else (4, 8)
     needed = kills * (gap[1] + rows_per_commit()) + 1
     rows = rows or needed
     manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
