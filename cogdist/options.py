@@ -32,14 +32,15 @@ __all__ = [
     "option",
 ]
 from cogdist.models.registry import ModelSpec
-from cogdist.sink import SINKS
+from cogdist.sink import SINKS, check_dataset
 from cogdist.sink.dataset import DEFAULT_SHARD_SIZE, FILES
-from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS
+from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS, check_output_format
 from cogdist.sink.job import JobSettings
 from cogdist.storage import RETRY_SECONDS
 from cogdist.worker.attention import AUTO, BACKENDS, NATIVE, check_attention_backend
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS, check_step_checkpoint
+from cogdist.worker.compile import check_compile
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "gpu", "cpu")
@@ -241,6 +242,14 @@ class RenderOptions:
         record=lambda value, spec: None if value == NATIVE else value,
     )
     """diffusers' attention backend of the transformer; native: unchanged (cogdist.parallel.attention)."""
+    compile: bool = option(
+        "torch.compile the transformer's repeated blocks: faster steps after a compile of seconds "
+        "per shape (cached on the node's disk); pixels change by rounding only",
+        False,
+        kind=RECORDED,
+        worker=True,
+    )
+    """Regional torch.compile of the transformer's repeated blocks (cogdist.worker.compile)."""
     address: str | None = option("Ray cluster address (default: $RAY_ADDRESS, else a local instance)", None)
     cpus_per_worker: float | None = option("logical CPUs reserved per worker", None, kind=RECORDED)
     """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
@@ -343,13 +352,7 @@ class RenderOptions:
             raise UsageError(f"--capacity-timeout must be > 0 seconds, got {self.capacity_timeout}")
         if self.max_retries < 0:
             raise UsageError(f"--max-retries must be >= 0, got {self.max_retries}")
-        formats = VIDEO_FORMATS if spec.kind == "video" else IMAGE_FORMATS
-        if self.format is not None and self.format not in formats:
-            raise UsageError(
-                f"--format {self.format!r}: {spec.name} makes {spec.kind}s; choose {', '.join(formats)}"
-            )
-        if self.quality is not None and not 1 <= self.quality <= 100:
-            raise UsageError(f"--quality must be in 1..100, got {self.quality}")
+        check_output_format(spec, self.format, self.quality)
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.guidance is not None and not abs(self.guidance) < float("inf"):
@@ -366,14 +369,8 @@ class RenderOptions:
         )
         check_step_checkpoint(spec, self.step_checkpoint, cached=self.cache != NO_CACHE)
         check_attention_backend(self.attention_backend, self.sp)
-        if self.dataset not in SINKS:
-            raise UsageError(f"--dataset {self.dataset!r}: choose one of {', '.join(SINKS)}")
-        if self.shard_size < 1:
-            raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.dataset != FILES and self.save_frames:
-            raise UsageError(
-                f"--save-frames writes files beside each video; not with --dataset {self.dataset}"
-            )
+        check_compile(self.compile, self.cache)
+        check_dataset(self.dataset, self.shard_size, self.save_frames)
         if not 0 < self.commit_interval < float("inf"):
             raise UsageError(f"--commit-interval must be > 0 seconds, got {self.commit_interval}")
         if not self.collective_timeout > 0:

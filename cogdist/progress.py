@@ -30,24 +30,29 @@ class Progress:
         self.failed = 0
         self.replicas = ["starting"] * replicas
         self.nodes = 0
+        self.compile_seconds = 0.0
         self._postfix()
 
     def _postfix(self) -> None:
         self.bar.set_postfix_str(self.describe(), refresh=False)
 
     def describe(self) -> str:
-        """`done=3 failed=0 pending=5 | replicas 0:busy 1:starting | nodes 1` (or counts per state)."""
+        """`done=3 failed=0 pending=5 | replicas 0:busy 1:starting | nodes 1 | compile 12s` (or
+        counts per state)."""
         pending = self.total - self.done - self.failed
         if len(self.replicas) <= LISTED_REPLICAS:
             states = " ".join(f"{i}:{state}" for i, state in enumerate(self.replicas))
         else:
             states = ", ".join(f"{n} {state}" for state, n in sorted(Counter(self.replicas).items()))
         nodes = f" | nodes {self.nodes}" if self.nodes else ""
-        return f"done={self.done} failed={self.failed} pending={pending} | replicas {states}{nodes}"
+        compiled = f" | compile {self.compile_seconds:.0f}s" if self.compile_seconds else ""
+        return f"done={self.done} failed={self.failed} pending={pending} | replicas {states}{nodes}{compiled}"
 
-    def advance(self, done: int = 0, failed: int = 0) -> None:
+    def advance(self, done: int = 0, failed: int = 0, compile_seconds: float = 0.0) -> None:
+        """`compile_seconds`: the finished rows' compile time (--compile), summed over workers."""
         self.done += done
         self.failed += failed
+        self.compile_seconds += compile_seconds
         self._postfix()
         self.bar.update(done + failed)
 

@@ -80,6 +80,9 @@ class ItemResult:
     sha256: str | None = None
     """Of the stored output's bytes, so anyone can check the object the index points at."""
     render_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    """Its share of the unit's torch.compile time (--compile: a shape bucket's first unit), not
+    in render_seconds."""
     frames: int | None = None
     """Frames of a video output as rendered (CogVideoX 1.5 video-to-video may differ from the input)."""
     node: str | None = None

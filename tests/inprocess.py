@@ -33,12 +33,7 @@ def render_in_process(
     """Render `rows` with `model` into the folder `out`, one row per unit, on one in-process
     worker; returns each row's decoded output (an image, or a video's frames), by id. `threads`:
     torch's CPU threads meanwhile, as a worker given that many CPUs sets them (restored after)."""
-    manifest = write_manifest(out.with_name(out.name + "-manifest.parquet"), rows)
-    job = plan(RenderOptions(str(manifest), model, str(out), **options))  # type: ignore[arg-type]
-    empty = pa.array([], pa.string())
-    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
-    pending = pending_rows(job.source, scan_pending(job.source, empty, empty), job.spec, defaults)
-    worker = RenderWorker(job.spec, job.out.worker_uri, worker_settings(job.options, threads))
+    worker, job, pending = in_process_worker(rows, model, out, threads, **options)
     before = torch.get_num_threads()
     try:
         worker.setup()
@@ -47,17 +42,35 @@ def render_in_process(
         torch.set_num_threads(before)
 
 
+def in_process_worker(rows: list[dict], model: str, out: Path, threads: int | None = None, **options: object):
+    """(worker, job, pending rows) of `rows` planned as `cogdist render` plans them; the worker
+    is not set up yet."""
+    manifest = write_manifest(out.with_name(out.name + "-manifest.parquet"), rows)
+    job = plan(RenderOptions(str(manifest), model, str(out), **options))  # type: ignore[arg-type]
+    empty = pa.array([], pa.string())
+    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
+    pending = pending_rows(job.source, scan_pending(job.source, empty, empty), job.spec, defaults)
+    worker = RenderWorker(job.spec, job.out.worker_uri, worker_settings(job.options, threads))
+    return worker, job, list(pending)
+
+
 def _render_rows(worker: RenderWorker, job, pending, out: Path) -> dict[str, np.ndarray]:
     decoded = {}
     for number, (item, _) in enumerate(pending):
         [result] = worker.render(WorkUnit(number, (item,))).items
         assert result.ok, result.error
-        data = job.out.read_bytes(item.output)
-        if item.output.endswith(".mp4"):
-            path = out / f".{number}.mp4"
-            path.write_bytes(data)
-            decoded[item.id] = probe_mp4(path)[1]
-            path.unlink()
-        else:
-            decoded[item.id] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        decoded[item.id] = decode_output(job, item, out)
     return decoded
+
+
+def decode_output(job, item, out: Path) -> np.ndarray:
+    """A row's stored output, decoded: an image, or a video's frames."""
+    data = job.out.read_bytes(item.output)
+    if not item.output.endswith(".mp4"):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    path = out / ".decoding.mp4"
+    path.write_bytes(data)
+    try:
+        return probe_mp4(path)[1]
+    finally:
+        path.unlink()

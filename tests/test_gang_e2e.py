@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
@@ -26,34 +28,19 @@ def pixels(out, table, item_id: str, column: str = "path") -> np.ndarray:
 
 
 def test_sp2_and_cfg_parallel_renders_match_one_gpu(ray_session, tmp_path):
-    """--sp 2 through the engine on the session's Ray, --sp 2 --cfg-parallel through the CLI, each
-    against the rows rendered alone by one in-process worker."""
+    """--sp 2, and --sp 2 --cfg-parallel with its blocks compiled (--compile), through the engine
+    on the session's Ray, each against the rows rendered alone by one in-process worker (the
+    video gang test runs the CLI's flags)."""
     manifest = write_manifest(tmp_path / "m.parquet", rows(3))
     reference = render_in_process(rows(3), "tiny-cogview4", tmp_path / "sp1", steps=3)
-    sp2 = engine.run(
-        RenderOptions(
-            str(manifest), "tiny-cogview4", str(tmp_path / "sp2"), replicas=1, steps=3, sp=2, progress=False
+    runs = {"sp2": {}, "sp2cfg": {"cfg_parallel": True, "compile": True}}
+    for name, extra in runs.items():
+        options = RenderOptions(
+            str(manifest), "tiny-cogview4", str(tmp_path / name), replicas=1, steps=3, sp=2, progress=False
         )
-    )
-    assert sp2.ok, sp2.describe()
-    done = cli(
-        "render",
-        str(manifest),
-        "--model",
-        "tiny-cogview4",
-        "--out",
-        str(tmp_path / "sp2cfg"),
-        "--replicas",
-        "1",
-        "--steps",
-        "3",
-        "--no-progress",
-        "--sp",
-        "2",
-        "--cfg-parallel",
-    )
-    assert done.returncode == 0, done.stderr
-    for name in ("sp2", "sp2cfg"):
+        summary = engine.run(replace(options, **extra))
+        assert summary.ok, summary.describe()
+        assert (summary.compile_seconds > 0) == bool(extra.get("compile")), summary.compile_seconds
         table = read_table(str(tmp_path / name))[0]
         assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
         for item_id in ("g/0", "g/1", "g/2"):

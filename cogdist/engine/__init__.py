@@ -65,6 +65,8 @@ class RenderSummary:
     """From the call until the first replica was ready to render (checks, scan, Ray, model load)."""
     steady_seconds: float = 0.0
     """From the first replica ready until the last row was committed (shutdown excluded)."""
+    compile_seconds: float = 0.0
+    """--compile: the rendered rows' compile time, summed over workers (not in their render_seconds)."""
 
     @property
     def ok(self) -> bool:
@@ -81,6 +83,8 @@ class RenderSummary:
             f"{f', {self.previously_failed} failed earlier (not retried)' if self.previously_failed else ''}"
             f" of {self.total} rows in {self.seconds:.1f}s ({rate:.2f} items/s) -> {self.out}"
         )
+        if self.compile_seconds:
+            text += f"\ncompiling took {self.compile_seconds:.1f}s, summed over the workers (--compile)"
         if self.failed or self.previously_failed:
             text += (
                 f"\n{self.failed + self.previously_failed} row(s) are recorded in {self.out}/{FAILURES}; "
@@ -125,6 +129,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
             ray_start_seconds=ray_seconds,
             startup_seconds=loop.first_ready - started if loop and loop.first_ready else 0.0,
             steady_seconds=loop.last_commit - loop.first_ready if loop and loop.first_ready else 0.0,
+            compile_seconds=loop.compile_seconds if loop else 0.0,
         )
 
     if counts.pending == 0:

@@ -52,6 +52,14 @@ def waiting_for(layout: ReplicaLayout, nodes: list[Node]) -> str:
     return f"waiting for {layout.needs}: the cluster has {have}; see `ray status`"
 
 
+def all_replicas_lost(replicas) -> str:
+    reasons = "\n".join(f"  replica {r.index}: {r.last_error}" for r in replicas)
+    return (
+        "every replica failed and was given up; the rows not rendered stay pending and a re-run "
+        f"resumes them.\n{reasons}"
+    )
+
+
 def short_nodes(nodes: set[str]) -> str:
     return ", ".join(sorted(n[:8] for n in nodes))
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import ray
 
-from cogdist.engine.fleet import classify, describe_error, short_nodes, waiting_for
+from cogdist.engine.fleet import all_replicas_lost, classify, describe_error, short_nodes, waiting_for
 from cogdist.engine.plan import Plan, ReplicaLayout, pin_attention_backend, replica_layout, worker_settings
 from cogdist.errors import CapacityError, GangError, StorageError
 from cogdist.executor.cluster import Cluster, Node, alive_nodes
@@ -127,6 +127,7 @@ class RenderLoop:
         self.metrics.rows([], 0, counts.pending)
         self.done = 0
         self.failed = 0
+        self.compile_seconds = 0.0  # --compile: the rows' compile time, summed over workers
         self.first_ready: float = 0.0
         """perf_counter() when the first replica became ready (0: none yet)."""
         self.last_commit: float = 0.0
@@ -158,7 +159,7 @@ class RenderLoop:
                 if not self.waiting:
                     self._watch_fleet()  # replicas left idle on a drained or vanished node move
                     if not self.waiting:
-                        raise GangError(self._all_replicas_lost())
+                        raise GangError(all_replicas_lost(self.replicas))
                 ready, _ = ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_SECONDS)
                 if ready:
                     ready, _ = ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
@@ -413,13 +414,6 @@ class RenderLoop:
         self.progress.set_replicas(states, nodes=len(nodes))
         self.metrics.replicas_ready.set(states.count("busy") + states.count("idle"))
 
-    def _all_replicas_lost(self) -> str:
-        reasons = "\n".join(f"  replica {r.index}: {r.last_error}" for r in self.replicas)
-        return (
-            "every replica failed and was given up; the rows not rendered stay pending and a re-run "
-            f"resumes them.\n{reasons}"
-        )
-
     # -- results ---------------------------------------------------------------------------
 
     def _record(self, finished: list[Finished], failed: list, replica: int | None = None) -> None:
@@ -429,7 +423,9 @@ class RenderLoop:
         for f in failed:
             self.progress.write(f"cogdist: row {f.row.item.id!r} failed: {f.error.splitlines()[0][:300]}")
         if finished or failed:
-            self.progress.advance(done=len(finished), failed=len(failed))
+            compiled = sum(f.result.compile_seconds for f in finished)
+            self.compile_seconds += compiled
+            self.progress.advance(done=len(finished), failed=len(failed), compile_seconds=compiled)
             self.metrics.rows(
                 [f.result.render_seconds for f in finished], len(failed), self.total - self.done - self.failed
             )

@@ -128,3 +128,18 @@ def apply_sequence_parallel(transformer: torch.nn.Module, gang: GangGroup, uneve
         block = transformer.get_submodule(plan.text_on_first_rank)
         registry = HookRegistry.check_if_exists_or_initialize(block)
         registry.register_hook(TextOnFirstRank(sp_rank), "cogdist_text_on_first_rank")
+
+
+def context_parallel_attention_eager() -> None:
+    """Run diffusers' context-parallel attention outside compiled graphs (--compile under --sp).
+
+    Its uneven all-to-all ("Ulysses anything") asks the peers for their sizes inside the call,
+    which dynamo cannot trace; the rest of each block still compiles, around it.
+    """
+    from diffusers.models import attention_dispatch
+
+    attention = attention_dispatch._templated_context_parallel_attention
+    if not getattr(attention, "_cogdist_eager", False):
+        eager = torch.compiler.disable(attention)
+        eager._cogdist_eager = True
+        attention_dispatch._templated_context_parallel_attention = eager

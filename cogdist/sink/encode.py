@@ -5,14 +5,29 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from cogdist.errors import UsageError
+
+if TYPE_CHECKING:
+    from cogdist.models.spec import ModelSpec
 
 # --format value -> (file extension, Pillow format name)
 IMAGE_FORMATS = {"png": ("png", "PNG"), "jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
 VIDEO_FORMATS = {"mp4": ("mp4", "libx264")}
 DEFAULT_QUALITY = {"png": 95, "jpeg": 95, "webp": 95, "mp4": 65}  # mp4: 65 -> CRF 18
+
+
+def check_output_format(spec: ModelSpec, fmt: str | None, quality: int | None) -> None:
+    """Refuse --format a model does not make, and --quality outside 1..100."""
+    formats = VIDEO_FORMATS if spec.kind == "video" else IMAGE_FORMATS
+    if fmt is not None and fmt not in formats:
+        raise UsageError(f"--format {fmt!r}: {spec.name} makes {spec.kind}s; choose {', '.join(formats)}")
+    if quality is not None and not 1 <= quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {quality}")
 
 
 def extension(fmt: str) -> str:

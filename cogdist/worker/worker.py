@@ -28,6 +28,7 @@ from cogdist.storage import open_location
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
 from cogdist.worker.cache import apply_step_cache, reset_step_cache
 from cogdist.worker.checkpoint import StepCheckpoints
+from cogdist.worker.compile import CompileClock, compile_transformer
 from cogdist.worker.inputs import InputError, load_inputs
 from cogdist.worker.settings import WorkerSettings
 
@@ -130,6 +131,15 @@ class RenderWorker:
             parallelize(self.pipe, self.gang, self.family.cfg_parallel)
         # After the parallelism: under --sp, diffusers refuses a backend without context parallelism.
         attention = apply_attention_backend(self.pipe.transformer, self.settings.attention_backend, layout.sp)
+        # Last: the compiled blocks hold every hook the steps above put on them.
+        self.compile_clock = None
+        if self.settings.compile:
+            if layout.sp > 1:
+                from cogdist.parallel.sequence import context_parallel_attention_eager
+
+                context_parallel_attention_eager()
+            compile_transformer(self.pipe.transformer)
+            self.compile_clock = CompileClock()
         self.out = open_location(self.out_uri, self.settings.storage_timeout)
         self.checkpoints = None
         if self.family.step_checkpoints and self.settings.step_checkpoint != 0:
@@ -188,9 +198,15 @@ class RenderWorker:
         ready = [item for item in unit.items if item.id in loaded]
         inputs = [loaded[item.id] for item in ready]
         step_seconds: list[float] = []
+        compile_seconds = 0.0
         if ready:
+            if self.compile_clock is not None:
+                self.compile_clock.before_unit((ready[0].shape, len(ready)))
+                compiled_before = self.compile_clock.seconds
             with timing_steps(self.pipe.scheduler, step_seconds):
                 outputs = self._render_saving_memory_on_oom(ready, inputs)
+            if self.compile_clock is not None:
+                compile_seconds = self.compile_clock.seconds - compiled_before
             if (
                 self.gang is not None and not self.gang.is_writer
             ):  # rank 0 writes; the rest return nothing large
@@ -198,10 +214,14 @@ class RenderWorker:
             written = [self._write(item, pixels) for item, pixels in zip(ready, outputs)]
             if self.checkpoints is not None:
                 self.checkpoints.remove(ready)
-            # A row's render time: its share of the unit, inputs, rendering, encoding and upload included.
-            per_item = (time.perf_counter() - start) / len(ready)
+            # A row's render time: its share of the unit, inputs, rendering, encoding and upload
+            # included, compiling (--compile, a bucket's first unit) apart.
+            per_item = (time.perf_counter() - start - compile_seconds) / len(ready)
+            compiled = compile_seconds / len(ready)
             for result in written:
-                results[result.id] = replace(result, render_seconds=per_item) if result.ok else result
+                if result.ok:
+                    result = replace(result, render_seconds=per_item, compile_seconds=compiled)
+                results[result.id] = result
         return UnitResult(
             unit.unit_id,
             tuple(results[i.id] for i in unit.items),
