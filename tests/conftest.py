@@ -81,7 +81,7 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
+def ray_session(s3_server, tmp_path_factory):
     """One local Ray instance for every in-process test of the session.
 
     Started after the S3 server so that its workers hold the store's credentials in their
@@ -95,7 +95,13 @@ def ray_session(s3_server):
         num_cpus=4,
         include_dashboard=False,
         logging_level="WARNING",
-        runtime_env={"env_vars": {"AWS_ENDPOINT_URL": ""}},
+        # --compile's inductor cache: the session's own, cold, not the user's ~/.cache.
+        runtime_env={
+            "env_vars": {
+                "AWS_ENDPOINT_URL": "",
+                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor")),
+            }
+        },
         # Metrics reach the node's Prometheus endpoint within a second, not ten (test_observability).
         _system_config={"metrics_report_interval_ms": 1000},
     )
