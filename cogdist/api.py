@@ -34,6 +34,8 @@ def render(manifest: str, *, model: str, out: str, **options: object) -> RenderS
     anything refused before rendering; rows that fail are recorded, not raised: check
     `summary.ok`.
     """
+    if "cpu_offload" in options:  # earlier versions' name of offload="model"
+        options["offload"] = "model" if options.pop("cpu_offload") else "none"
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise UsageError(

@@ -57,6 +57,15 @@ def add_options(parser: argparse.ArgumentParser, groups: tuple[str | None, ...] 
         else:
             kwargs["default"] = default
         target.add_argument(flag, dest=name, **kwargs)
+        for alias, value in (how.aliases or {}).items():
+            target.add_argument(
+                alias,
+                dest=name,
+                action="store_const",
+                const=value,
+                default=argparse.SUPPRESS,
+                help=f"the same as {flag} {value}",
+            )
 
 
 def option_values(args: argparse.Namespace, groups: tuple[str | None, ...] | None = None) -> dict:
@@ -184,11 +193,13 @@ def _models(args: argparse.Namespace) -> int:
         notes = [s.description]
         if s.frames:
             notes.append(f"frames: {s.frames.describe()}")
-        memory = [
-            name.replace("_", " ")
-            for name, _, _, how in declared()
-            if how.group == "memory" and getattr(s, how.spec_field or name)
-        ]
+        memory = []
+        for name, _, _, how in declared():
+            value = getattr(s, how.spec_field or name) if how.group == "memory" else None
+            if value is True:
+                memory.append(name.replace("_", " "))
+            elif value and value != "none":  # --offload
+                memory.append(f"{name} {value}")
         if memory:
             notes.append(f"default memory options: {', '.join(memory)}")
         print(f"    {'; '.join(notes)}")

@@ -48,6 +48,8 @@ class Option:
     ModelSpec the rows and workers receive."""
     record: Callable[[Any, ModelSpec], Any] | None = None
     """The job record's value, from the resolved value and the model (default: the value)."""
+    aliases: dict[str, Any] | None = None
+    """Other CLI flags that each set one value (`--cpu-offload` for `--offload model`)."""
     worker_default: Any = None
     """A worker option's WorkerSettings default where the option's own is None for "the model's"
     (a worker built by hand, as in a benchmark, gets this one); None: the option's default."""
@@ -56,3 +58,9 @@ class Option:
 def option(help: str, default: object = MISSING, **how: Any) -> Any:
     """A RenderOptions field declared with its Option."""
     return field(default=default, metadata={"option": Option(help, **how)})
+
+
+def null_at(default: Any) -> Callable[[Any, ModelSpec], Any]:
+    """An Option.record that keeps null at the option's default, so that a job record written
+    before the option existed still resumes."""
+    return lambda value, spec: None if value == default else value

@@ -14,7 +14,7 @@ from typing import Any
 
 from cogdist.errors import UsageError
 from cogdist.models.layout import check_layout
-from cogdist.option import GROUPS, OUTPUT, RECORDED, ROW_DEFAULTS, UNRECORDED, Option, option
+from cogdist.option import GROUPS, OUTPUT, RECORDED, ROW_DEFAULTS, UNRECORDED, Option, null_at, option
 
 __all__ = [
     "DEVICES",
@@ -41,9 +41,13 @@ from cogdist.worker.attention import AUTO, BACKENDS, NATIVE, check_attention_bac
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS, check_step_checkpoint
 from cogdist.worker.compile import check_compile
+from cogdist.worker.offload import CPU_OFFLOAD_ALIASES, NONE, OFFLOAD_MODES, check_offload
+from cogdist.worker.quantize import NONE as QUANTIZE_NONE
+from cogdist.worker.quantize import QUANTIZE_MODES, check_quantize
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "gpu", "cpu")
+QUANTIZED = {"kind": OUTPUT, "worker": True, "choices": QUANTIZE_MODES, "record": null_at(QUANTIZE_NONE)}
 
 
 def declared() -> Iterator[tuple[str, str, object, Option]]:
@@ -132,11 +136,8 @@ class RenderOptions:
     )
     """Run the conditional and unconditional passes on two halves of the gang (2 x sp GPUs)."""
     batch_size: int = option("rows of one shape per pipeline call (default %(default)s)", 1, kind=RECORDED)
-    """Rows of one shape rendered by one pipeline call."""
     max_in_flight: int = option("units queued per replica (default %(default)s)", 2, kind=RECORDED)
-    """Units queued per replica, so that it never waits for the driver between units."""
     max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
-    """Renders retried after an error before a row is recorded under failures/."""
     max_gang_restarts: int = option(
         "failures in a row (its workers died, or failed to start) after which a replica is given "
         "up; a rendered unit resets the count, a lost node does not count (default %(default)s)",
@@ -169,7 +170,7 @@ class RenderOptions:
         FILES,
         kind=OUTPUT,
         choices=tuple(SINKS),
-        record=lambda value, spec: None if value == FILES else value,
+        record=null_at(FILES),
     )
     """How outputs are stored: "files" (one file per row under outputs/), "webdataset" (tar shards
     under shards/) or "parquet" (Hugging Face datasets Parquet with the media embedded, under data/)."""
@@ -195,16 +196,18 @@ class RenderOptions:
         spec_field="vae_slicing",
     )
     """Decode a batch one sample at a time. None: the model's default."""
-    cpu_offload: bool | None = option(
-        "GPU: keep only the running component on the GPU (model CPU offload)",
+    offload: str | None = option(
+        "GPU: how much of the pipeline stays on the GPU: none (all), model (the running component), "
+        "group (a few layers, copied ahead on a CUDA stream), sequential (one layer at a time)",
         None,
         kind=RECORDED,
         worker=True,
         group="memory",
-        spec_field="cpu_offload",
+        spec_field="offload",
+        choices=OFFLOAD_MODES,
+        worker_default=NONE,
+        aliases=CPU_OFFLOAD_ALIASES,
     )
-    """Model CPU offload on GPUs (components move to the GPU only while they run). None: the model's
-    default."""
     dtype: str = option(
         "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16", "auto", kind=OUTPUT, worker=True
     )
@@ -216,7 +219,7 @@ class RenderOptions:
         kind=OUTPUT,
         worker=True,
         choices=CACHE_KINDS,
-        record=lambda value, spec: None if value == NO_CACHE else value,
+        record=null_at(NO_CACHE),
     )
     """Step cache on the transformer: none, first-block, taylorseer or pab (see cogdist.worker.cache).
     Fewer transformer computations; outputs differ slightly from uncached ones."""
@@ -239,9 +242,16 @@ class RenderOptions:
         worker=True,
         choices=(AUTO, *BACKENDS),
         metavar="NAME",
-        record=lambda value, spec: None if value == NATIVE else value,
+        record=null_at(NATIVE),
     )
     """diffusers' attention backend of the transformer; native: unchanged (cogdist.parallel.attention)."""
+    quantize: str = option(
+        "quantize the transformer's weights with torchao: int8 (weight-only), int8-dynamic (int8 "
+        "activations too), fp8 (GPUs of compute capability >= 8.9); pixels change (default none)",
+        QUANTIZE_NONE,
+        **QUANTIZED,
+    )
+    quantize_text_encoder: str = option("the same for the text encoder (T5, GLM)", QUANTIZE_NONE, **QUANTIZED)
     compile: bool = option(
         "torch.compile the transformer's repeated blocks: faster steps after a compile of seconds "
         "per shape (cached on the node's disk); pixels change by rounding only",
@@ -249,7 +259,6 @@ class RenderOptions:
         kind=RECORDED,
         worker=True,
     )
-    """Regional torch.compile of the transformer's repeated blocks (cogdist.worker.compile)."""
     address: str | None = option("Ray cluster address (default: $RAY_ADDRESS, else a local instance)", None)
     cpus_per_worker: float | None = option("logical CPUs reserved per worker", None, kind=RECORDED)
     """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
@@ -348,8 +357,6 @@ class RenderOptions:
         check_layout(spec, self.sp, self.cfg_parallel)
         if self.device not in DEVICES:
             raise UsageError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
-        if not self.capacity_timeout > 0:
-            raise UsageError(f"--capacity-timeout must be > 0 seconds, got {self.capacity_timeout}")
         if self.max_retries < 0:
             raise UsageError(f"--max-retries must be >= 0, got {self.max_retries}")
         check_output_format(spec, self.format, self.quality)
@@ -357,8 +364,6 @@ class RenderOptions:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.guidance is not None and not abs(self.guidance) < float("inf"):
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
-        if not self.storage_timeout > 0:
-            raise UsageError(f"--storage-timeout must be > 0 seconds, got {self.storage_timeout}")
         check_step_cache(
             spec.family,
             spec.name,
@@ -370,30 +375,21 @@ class RenderOptions:
         check_step_checkpoint(spec, self.step_checkpoint, cached=self.cache != NO_CACHE)
         check_attention_backend(self.attention_backend, self.sp)
         check_compile(self.compile, self.cache)
+        check_offload(self.offload, self.gang_size, self.compile)
+        check_quantize(self.quantize, self.quantize_text_encoder)
         check_dataset(self.dataset, self.shard_size, self.save_frames)
-        if not 0 < self.commit_interval < float("inf"):
-            raise UsageError(f"--commit-interval must be > 0 seconds, got {self.commit_interval}")
-        if not self.collective_timeout > 0:
-            raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
+        seconds = {
+            "--capacity-timeout": self.capacity_timeout,
+            "--storage-timeout": self.storage_timeout,
+            "--collective-timeout": self.collective_timeout,
+            "--commit-interval": self.commit_interval,
+        }
+        for flag, value in seconds.items():  # an infinite interval would never commit
+            if not value > 0 or (flag == "--commit-interval" and value == float("inf")):
+                raise UsageError(f"{flag} must be > 0 seconds, got {value}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise UsageError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
-        problem = spec.sizes.problem(spec.width, spec.height)
-        if problem:
-            raise UsageError(f"--width/--height: {problem} ({spec.name} takes {spec.sizes.describe()})")
-        if spec.kind == "image":
-            for flag, value in (
-                ("--frames", self.frames),
-                ("--fps", self.fps),
-                ("--save-frames", self.save_frames),
-            ):
-                if value:
-                    raise UsageError(f"{flag}: {spec.name} makes images")
-        if self.fps is not None and not 0 < self.fps < float("inf"):
-            raise UsageError(f"--fps must be > 0, got {self.fps}")
-        if spec.frames is not None and spec.num_frames is not None:
-            problem = spec.frames.problem(spec.num_frames)
-            if problem:
-                raise UsageError(f"--frames: {problem} ({spec.name} takes {spec.frames.describe()} frames)")
+        spec.check_row_defaults(self.frames, self.fps, self.save_frames)
 
     def resolved(self, spec: ModelSpec) -> RenderOptions:
         """These options with every per-model default filled in (format, quality, memory, row

@@ -36,6 +36,7 @@ TEST_EXTRA = {
     "jsonschema": "jsonschema",
     "yaml": "pyyaml",
     "datasets": "datasets",
+    "torchao": "torchao",
 }
 
 

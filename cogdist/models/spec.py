@@ -19,6 +19,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from cogdist.errors import UsageError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -185,8 +187,8 @@ class ModelSpec:
     """Default of --vae-tiling: decode in overlapping tiles (less memory; changes pixels slightly)."""
     vae_slicing: bool = False
     """Default of --vae-slicing: decode a batch one sample at a time."""
-    cpu_offload: bool = False
-    """Default of --cpu-offload: keep only the running component on the GPU."""
+    offload: str = "none"
+    """Default of --offload (cogdist.worker.offload): none, model, group or sequential."""
     heads: int = 0
     """Attention heads of the transformer (0: unknown), which bound the sequence-parallel degree."""
     negative_prompt: bool = True
@@ -220,6 +222,23 @@ class ModelSpec:
             return None
         wanted = "image" if has_image else "video" if has_video else None
         return next((t for t in self.tasks if TASK_INPUT[t] == wanted), None)
+
+    def check_row_defaults(self, frames: int | None, fps: float | None, save_frames: bool) -> None:
+        """Refuse row defaults (--width/--height/--frames/--fps/--save-frames, already applied to
+        this spec) that this model cannot render."""
+        problem = self.sizes.problem(self.width, self.height)
+        if problem:
+            raise UsageError(f"--width/--height: {problem} ({self.name} takes {self.sizes.describe()})")
+        if self.kind == "image":
+            for flag, value in (("--frames", frames), ("--fps", fps), ("--save-frames", save_frames)):
+                if value:
+                    raise UsageError(f"{flag}: {self.name} makes images")
+        if fps is not None and not 0 < fps < float("inf"):
+            raise UsageError(f"--fps must be > 0, got {fps}")
+        if self.frames is not None and self.num_frames is not None:
+            problem = self.frames.problem(self.num_frames)
+            if problem:
+                raise UsageError(f"--frames: {problem} ({self.name} takes {self.frames.describe()} frames)")
 
     def describe_tasks(self) -> str:
         parts = []

@@ -30,6 +30,11 @@ from cogdist.worker.cache import apply_step_cache, reset_step_cache
 from cogdist.worker.checkpoint import StepCheckpoints
 from cogdist.worker.compile import CompileClock, compile_transformer
 from cogdist.worker.inputs import InputError, load_inputs
+from cogdist.worker.offload import MODEL as MODEL_OFFLOAD
+from cogdist.worker.offload import NONE as NO_OFFLOAD
+from cogdist.worker.offload import offload_pipeline
+from cogdist.worker.quantize import NONE as QUANTIZE_NONE
+from cogdist.worker.quantize import quantize_pipeline
 from cogdist.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -124,6 +129,8 @@ class RenderWorker:
         self.runner = self.family.load_runner()
         pipe = self.runner.load(self.spec, getattr(torch, name))
         drop_first_rank_models(pipe, self.gang, self.family.first_rank_models)
+        if (self.settings.quantize, self.settings.quantize_text_encoder) != (QUANTIZE_NONE, QUANTIZE_NONE):
+            quantize_pipeline(pipe, self.device, self.settings.quantize, self.settings.quantize_text_encoder)
         self.pipe = place(pipe, self.device, self.settings)
         # Before the parallelism, so that the cache's hooks see their own rank's tokens.
         apply_step_cache(self.pipe, self.settings.cache, self.settings.cache_threshold)
@@ -248,7 +255,7 @@ class RenderWorker:
             error = str(e).splitlines()[0][:200]
         print(
             f"cogdist worker {os.getpid()}: out of memory on {', '.join(i.id for i in items)} ({error}); "
-            "retrying row by row with VAE tiling, slicing and CPU offload",
+            "retrying row by row with VAE tiling, slicing and (where no --offload is set) model CPU offload",
             file=sys.stderr,
             flush=True,
         )
@@ -311,9 +318,9 @@ def saving_memory(pipe, device, settings: WorkerSettings) -> Iterator[None]:
         torch.cuda.empty_cache()
     pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
-    offload = device.type == "cuda" and not settings.cpu_offload
+    offload = device.type == "cuda" and settings.offload == NO_OFFLOAD  # never a second offload
     if offload:
-        pipe.enable_model_cpu_offload(device=device)
+        offload_pipeline(pipe, device, MODEL_OFFLOAD)
     try:
         yield
     finally:
@@ -332,8 +339,8 @@ def place(pipe, device, settings: WorkerSettings):
         pipe.vae.enable_tiling()
     if settings.vae_slicing:
         pipe.vae.enable_slicing()
-    if settings.cpu_offload and device.type == "cuda":
-        pipe.enable_model_cpu_offload(device=device)
+    if device.type == "cuda" and settings.offload != NO_OFFLOAD:
+        offload_pipeline(pipe, device, settings.offload)
     else:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,69 @@
+"""`--offload`: how much of the pipeline stays on the GPU, through diffusers' offloading.
+
+- `none`: every component on the GPU (fastest; the default);
+- `model`: model CPU offload: a component moves to the GPU while it runs (the text encoder, then
+  the transformer, then the VAE), so the GPU holds the largest one;
+- `group`: group offloading: the weights stay in CPU memory and each layer is copied to the GPU
+  just before it runs, the next one's copy overlapping the running one on a CUDA stream; the GPU
+  holds a few layers and the activations;
+- `sequential`: sequential CPU offload: every layer moved in and out as it runs, without overlap
+  (the least memory, the slowest).
+
+Each is a recorded setting (it moves weights, it changes no pixel), applied on GPUs only: on a CPU
+the weights are in CPU memory already. The out-of-memory retry (cogdist.worker.worker) turns
+model offload on only where no offload is set. This module is imported by the driver
+(`check_offload`); torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+from cogdist.errors import UsageError
+
+NONE = "none"
+MODEL = "model"
+GROUP = "group"
+SEQUENTIAL = "sequential"
+OFFLOAD_MODES = (NONE, MODEL, GROUP, SEQUENTIAL)
+CPU_OFFLOAD_ALIASES = {"--cpu-offload": MODEL, "--no-cpu-offload": NONE}
+"""The flags of earlier versions, kept: `--cpu-offload` is `--offload model`."""
+
+
+def check_offload(offload: str | None, gang_size: int, compile: bool) -> None:
+    """Refuse an unknown mode, and the ones that cannot work with a gang or --compile."""
+    if offload is None or offload == NONE:
+        return
+    if offload not in OFFLOAD_MODES:
+        raise UsageError(f"--offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}")
+    if gang_size > 1 and offload != MODEL:
+        raise UsageError(
+            f"--offload {offload} in a gang of {gang_size} GPUs (--sp/--cfg-parallel): the gang's "
+            "parallelism and the per-layer offloading are hooks on the same blocks, which diffusers "
+            "does not compose; use --offload model, or more GPUs per gang"
+        )
+    if compile and offload == SEQUENTIAL:
+        raise UsageError(
+            "--compile with --offload sequential: moving every layer's weights in hooks breaks each "
+            "compiled block apart; use --offload group, which compiles"
+        )
+
+
+def offload_pipeline(pipe, device, mode: str) -> None:
+    """Apply `mode` to `pipe` for the accelerator `device` (a CPU `device` is group offload's
+    own onload device: what the tests run)."""
+    import torch
+
+    if mode == MODEL:
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == SEQUENTIAL:
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif mode == GROUP:
+        cuda = device.type == "cuda"
+        pipe.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=cuda,  # the next layer's copy overlaps the running one
+            non_blocking=cuda,
+        )
+    elif mode != NONE:
+        raise ValueError(f"unknown offload mode {mode!r}")
