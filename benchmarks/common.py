@@ -44,15 +44,15 @@ def machine() -> dict:
     }
 
 
-def save(name: str, result: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+def save(name: str, result: dict, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         **result,
     }
-    path = RESULTS / f"{name}.json"
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 

@@ -14,8 +14,9 @@ set with diffusers' `set_attention_backend`, which only processors that call dif
 dispatcher only under sequence parallelism). `--sdpa-routing dispatcher` routes them as cogdist's
 sequence parallelism does, so that the backend reaches them; `backend_calls_per_step` counts the
 attention calls that reached the chosen backend. A backend that cannot run on this device is a
-"skipped" row with the reason. `--compile` adds rows with `torch.compile(transformer)` (default
-mode); a 2-step warm-up render precedes each measured one, and `compile_seconds` is the compiled
+"skipped" row with the reason. `--compile` adds rows with the transformer's repeated blocks
+compiled, as cogdist's `--compile` does (cogdist.worker.compile); a 2-step warm-up render
+precedes each measured one, and `compile_seconds` is the compiled
 warm-up less the uncompiled one (inductor's on-disk cache can make a repeat compile cheap).
 
 Each model's transformer and VAE are built from the real checkpoint's configs
@@ -45,6 +46,9 @@ from benchmarks.common import family_runner, save, set_up_worker
 from cogdist.inputs import Inputs
 from cogdist.models.registry import PRESETS
 from cogdist.work import WorkItem
+from cogdist.worker.compile import compile_transformer, repeated_blocks
+from cogdist.worker.quantize import NONE as NO_QUANTIZATION
+from cogdist.worker.quantize import quantize_pipeline
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoints"
 
@@ -290,8 +294,12 @@ def run(
     compile_modes: list[bool],
     routings: list[str],
     peak: float,
+    quantize: str = NO_QUANTIZATION,
+    paths: tuple[str, ...] = PATHS,
+    compile_backend: str = "inductor",
 ) -> list[dict]:
-    """One row per (path, routing, backend, compile) for model `name`."""
+    """One row per (path, routing, backend, compile) for model `name`, its transformer quantized
+    by `quantize` (cogdist.worker.quantize; a mode this device cannot run raises UsageError)."""
     family, _, preset, width, height, frames, guidance = MODELS[name]
     if tiny:
         spec = PRESETS[preset]
@@ -299,6 +307,8 @@ def run(
         pipe = tiny_pipeline(name, device, dtype)
     else:
         pipe = real_size_pipeline(name, device, dtype)
+    if quantize != NO_QUANTIZATION:
+        quantize_pipeline(pipe, device, quantize, NO_QUANTIZATION)
     runner = family_runner(family)
     task = "text-to-video" if frames else "text-to-image"
 
@@ -342,7 +352,7 @@ def run(
     # One untimed render per path first: the process's first render pays one-time costs (lazy
     # imports, kernel and allocator warm-up, the VAE's first decode) that would otherwise land in
     # the first row's warm-up and in its compile_seconds.
-    for path in PATHS:
+    for path in paths:
         render(path, 1)
     clock = StepClock(pipe, device)
     transformer = pipe.transformer
@@ -358,11 +368,11 @@ def run(
                 except Exception as error:  # e.g. a hub kernel it cannot download here
                     unavailable = f"{type(error).__name__}: {error}"[:300]
             for compiled in compile_modes:
-                pipe.transformer = transformer
+                uncompile(transformer)
                 if compiled and unavailable is None:
                     torch._dynamo.reset()  # each compiled row pays (and reports) its own compile
-                    pipe.transformer = torch.compile(transformer)
-                for path in PATHS:
+                    compile_transformer(transformer, compile_backend)  # what --compile does
+                for path in paths:
                     row = {
                         "model": name if not tiny else f"{name} (tiny preset)",
                         "shape": shape,
@@ -370,6 +380,7 @@ def run(
                         "sdpa_routing": routing,
                         "backend": backend,
                         "compile": compiled,
+                        "quantize": quantize,
                     }
                     if unavailable is not None:
                         rows.append({**row, "status": "skipped", "reason": unavailable})
@@ -404,10 +415,16 @@ def run(
                         }
                     )
                     print(json.dumps(rows[-1]), flush=True)
-            pipe.transformer = transformer
+            uncompile(transformer)
         restore_processors(replaced)
     transformer.set_attention_backend("native")
     return relate(rows)
+
+
+def uncompile(transformer: torch.nn.Module) -> None:
+    """Undo `compile_transformer`: the blocks run eagerly again."""
+    for block in repeated_blocks(transformer):
+        block._compiled_call_impl = None
 
 
 def relate(rows: list[dict]) -> list[dict]:
@@ -420,7 +437,8 @@ def relate(rows: list[dict]) -> list[dict]:
 
     def key(row: dict, **change) -> tuple:
         row = {**row, **change}
-        return row["model"], row["path"], row["sdpa_routing"], row["backend"], row["compile"]
+        quantized = row.get("quantize", NO_QUANTIZATION)
+        return row["model"], row["path"], row["sdpa_routing"], row["backend"], row["compile"], quantized
 
     ok = {key(row): row for row in rows if row["status"] == "ok"}
     for row in ok.values():
@@ -450,7 +468,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time every setting with the transformer under torch.compile (default mode)",
+        help="also time every setting with the transformer's repeated blocks compiled (--compile)",
     )
     parser.add_argument(
         "--sdpa-routing",

@@ -114,3 +114,31 @@ def test_xdit_peer_stops_with_a_reason_where_xfuser_cannot_run():
     )
     assert result.returncode != 0
     assert "xfuser is not installed" in result.stderr or "needs CUDA GPUs" in result.stderr
+
+
+def test_the_gpu_check_runs_on_the_tiny_presets(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py --tiny (CogView4 only: every family goes through the same code,
+    and each family's compile is tests/test_compile.py's): every stage writes its rows, and what a
+    CPU cannot measure is a skipped row with the reason. The compiled rows are traced by dynamo
+    without inductor's code generation (--compiler eager): the plumbing, in seconds."""
+    import json
+
+    from benchmarks import gpu_check
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    path = gpu_check.main(
+        ["--tiny", "--only", "cogview4", "--steps", "3", "--compiler", "eager", "--results", str(tmp_path)]
+    )
+    result = json.loads(path.read_text())
+    figures = result["families"]["cogview4"]
+    ok = [row for row in figures["steps"] if row["status"] == "ok"]
+    assert {(row["backend"], row["compile"]) for row in ok} == {("native", False), ("native", True)}
+    assert all(row["seconds_per_step"] > 0 and row["mfu"] > 0 for row in ok)
+    [compiled] = [row for row in ok if row["compile"]]
+    assert "compile_seconds" in compiled  # traced by dynamo ('eager': inductor is tests/test_compile.py's)
+    [fp8] = [row for row in figures["steps"] if row.get("quantize") == "fp8"]
+    assert fp8["status"] == "skipped" and "compute capability >= 8.9" in fp8["reason"]
+    assert [row["offload"] for row in figures["offload"]] == ["none", "model", "group", "sequential"]
+    assert {row["reason"] for row in figures["offload"]} == {"peak GPU memory needs a GPU"}
+    check = result["render_check"]
+    assert check["status"] == "ok" and check["max_difference_per_row"] == [0, 0, 0, 0], check
