@@ -28,24 +28,24 @@ def pixels(out, table, item_id: str, column: str = "path") -> np.ndarray:
 
 
 def test_sp2_and_cfg_parallel_renders_match_one_gpu(ray_session, tmp_path):
-    """--sp 2, and --sp 2 --cfg-parallel with its blocks compiled (--compile), through the engine
-    on the session's Ray, each against the rows rendered alone by one in-process worker (the
-    video gang test runs the CLI's flags)."""
+    """--sp 2 --cfg-parallel with the blocks compiled (--compile), through the engine on the
+    session's Ray, against the rows rendered alone by one in-process worker (the video gang test
+    runs the CLI's flags; tests/test_parallel_render.py each layout alone)."""
     manifest = write_manifest(tmp_path / "m.parquet", rows(3))
     reference = render_in_process(rows(3), "tiny-cogview4", tmp_path / "sp1", steps=3)
-    runs = {"sp2": {}, "sp2cfg": {"cfg_parallel": True, "compile": True}}
-    for name, extra in runs.items():
-        options = RenderOptions(
-            str(manifest), "tiny-cogview4", str(tmp_path / name), replicas=1, steps=3, sp=2, progress=False
-        )
-        summary = engine.run(replace(options, **extra))
-        assert summary.ok, summary.describe()
-        assert (summary.compile_seconds > 0) == bool(extra.get("compile")), summary.compile_seconds
-        table = read_table(str(tmp_path / name))[0]
-        assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
-        for item_id in ("g/0", "g/1", "g/2"):
-            difference = np.abs(pixels(tmp_path / name, table, item_id) - reference[item_id]).max()
-            assert difference <= PIXELS, f"{name} {item_id}: {difference}"
+    out = tmp_path / "gang"
+    options = RenderOptions(
+        str(manifest), "tiny-cogview4", str(out), replicas=1, steps=3, sp=2, cfg_parallel=True, compile=True
+    )
+    summary = engine.run(replace(options, progress=False))
+    assert summary.ok, summary.describe()
+    assert summary.compile_seconds > 0
+    table = read_table(str(out))[0]
+    assert sorted(table["id"].to_pylist()) == ["g/0", "g/1", "g/2"]
+    assert sum(table["compile_seconds"].to_pylist()) == pytest.approx(summary.compile_seconds)
+    for item_id in ("g/0", "g/1", "g/2"):
+        difference = np.abs(pixels(out, table, item_id) - reference[item_id]).max()
+        assert difference <= PIXELS, f"{item_id}: {difference}"
 
 
 def test_video_gang_with_cfg_parallel_matches_one_gpu(tmp_path):
