@@ -131,3 +131,15 @@ def test_auto_is_chosen_once_per_job_and_kept_for_its_resume(ray_session, tmp_pa
     assert again.done == 0 and again.skipped == 3
     with pytest.raises(ResumeConflictError, match="--attention-backend"):
         engine.run(replace(options, attention_backend="_native_flash" if chosen else "_native_math"))
+
+
+def test_under_sp_a_cpu_worker_takes_native_only():
+    """diffusers' context-parallel kernels of the other backends are CUDA ops: `_native_flash`
+    calls aten::_scaled_dot_product_flash_attention, which has no CPU kernel (the one-process
+    call the setup probe makes runs; a gang's first row would fail). Refused at setup instead."""
+    from cogdist.models.cogview4.runner import build_tiny
+
+    transformer = build_tiny(seed=0).transformer.to(torch.bfloat16)
+    with pytest.raises(UsageError, match="--attention-backend _native_flash under --sp 2 needs a GPU"):
+        apply_attention_backend(transformer, "_native_flash", sp=2)
+    assert apply_attention_backend(transformer, "_native_flash", sp=1) == "_native_flash"

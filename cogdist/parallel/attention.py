@@ -132,6 +132,13 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str, sp: int 
     if backend == AUTO:
         backend = first_that_runs(parameter.device, parameter.dtype, sp)  # checked there
     elif backend != NATIVE:
+        if sp > 1 and parameter.device.type != "cuda":
+            # Its context-parallel kernel is a CUDA op (e.g. aten::_scaled_dot_product_flash_attention),
+            # which the one-process probe below does not reach.
+            raise UsageError(
+                f"--attention-backend {backend} under --sp {sp} needs a GPU: diffusers' context-parallel "
+                f"kernels of the backends other than native are CUDA ops (this worker has {parameter.device})"
+            )
         check_backend_runs(backend, parameter.device, parameter.dtype)
     if backend == NATIVE:
         return backend
