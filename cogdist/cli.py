@@ -179,6 +179,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from cogdist.api import models
+    from cogdist.worker.offload import weight_memory
 
     specs = models()
     if args.json:
@@ -202,6 +203,8 @@ def _models(args: argparse.Namespace) -> int:
                 memory.append(f"{name} {value}")
         if memory:
             notes.append(f"default memory options: {', '.join(memory)}")
+        if s.weights:
+            notes.append(weight_memory(s.weights))
         print(f"    {'; '.join(notes)}")
     print(
         "\nAlso accepted: any Hugging Face repo id of these pipelines, or a local folder with model_index.json."

@@ -86,3 +86,43 @@ def test_presets_of_every_family_resolve_offline():
     assert resolve_model("THUDM/CogVideoX1.5-5B").frames.problem(81) is None
     assert "not one of 81, 161" in resolve_model("THUDM/CogVideoX1.5-5B").frames.problem(49)
     assert resolve_model("THUDM/CogVideoX-2b").dtype_gpu == "float16"
+
+
+def test_real_presets_carry_their_parameter_counts_and_models_shows_the_memory_per_offload_tier(capsys):
+    """The counts baked into the presets are those of the real checkpoints' configs
+    (tests/data/checkpoints), counted on the meta device; `cogdist models` turns them into the
+    GPU memory of each --offload tier."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    import torch
+    import transformers
+
+    from cogdist.cli import main
+
+    folders = Path(__file__).parent / "data" / "checkpoints"
+    checked = 0
+    for spec in PRESETS.values():
+        folder = folders / spec.name.replace("/", "__")
+        if spec.tiny or not folder.is_dir():
+            continue
+        index = json.loads((folder / "model_index.json").read_text())
+        baked = dict(spec.weights)
+        for component in ("transformer", "vae", "vision_language_encoder"):
+            if not (folder / component).is_dir():
+                continue
+            config = json.loads((folder / component / "config.json").read_text())
+            library = diffusers if index[component][0] == "diffusers" else transformers
+            cls = getattr(library, index[component][1])
+            with torch.device("meta"):
+                if library is diffusers:
+                    model = cls.from_config(config)
+                else:
+                    model = cls(transformers.AutoConfig.from_pretrained(folder / component))
+            assert baked[component] == sum(p.numel() for p in model.parameters()), (spec.name, component)
+            checked += 1
+    assert checked >= 17
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    assert "--offload none 21.1 GB, model 11.1 GB (the transformer)" in listed  # CogVideoX-5b

@@ -198,6 +198,10 @@ class ModelSpec:
     """Load .bin/.pt pickle weights of a component that has no safetensors (--allow-pickle-weights)."""
     trust_remote_code: bool = False
     """Let diffusers import Python code that ships with the checkpoint (--trust-remote-code)."""
+    weights: tuple[tuple[str, int], ...] = ()
+    """(component, parameters) of a real preset, counted from its configs (transformer, VAE, AR
+    prior: tests/data/checkpoints; text encoders: google/t5-v1_1-xxl's, THUDM/glm-4-9b-hf's):
+    the memory `cogdist models` shows per --offload tier. Empty: not known."""
     parameters: int = 0
     """The transformer's parameters, estimated from its config (0: unknown, as for the presets of
     real checkpoints); see `fits_on_cpus`."""

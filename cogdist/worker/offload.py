@@ -47,6 +47,19 @@ def check_offload(offload: str | None, gang_size: int, compile: bool) -> None:
         )
 
 
+def weight_memory(weights: tuple[tuple[str, int], ...], bytes_per_parameter: int = 2) -> str:
+    """What the GPU holds of a preset's weights (bf16: 2 bytes a parameter) under each tier, as
+    `cogdist models` shows it; "" where the parameters are not known. Activations come on top."""
+    if not weights:
+        return ""
+    total = sum(n for _, n in weights) * bytes_per_parameter / 1e9
+    largest, count = max(weights, key=lambda w: w[1])
+    return (
+        f"GPU memory of the bf16 weights: --offload none {total:.1f} GB, model {count * bytes_per_parameter / 1e9:.1f} GB "
+        f"(the {largest.replace('_', ' ')}), group/sequential a few layers; activations on top"
+    )
+
+
 def offload_pipeline(pipe, device, mode: str) -> None:
     """Apply `mode` to `pipe` for the accelerator `device` (a CPU `device` is group offload's
     own onload device: what the tests run)."""

@@ -31,6 +31,11 @@ from cogdist.models.spec import (
     vae_scale,
 )
 
+T5_XXL_ENCODER = 4_762_310_656
+"""Parameters of the T5 v1.1 XXL encoder every CogVideoX checkpoint uses (google/t5-v1_1-xxl's config)."""
+COGVIDEOX_VAE = 215_583_907
+"""Parameters of the CogVideoX VAE (every checkpoint's vae/config.json)."""
+
 NAME = "cogvideox"
 
 TINY_VIDEO_SIZES = SizeRule(multiple=16, min_side=32, max_side=256)
@@ -54,6 +59,10 @@ def _presets() -> tuple[ModelSpec, ...]:
         heads=6,
         **VIDEO_MEMORY_DEFAULTS,
     )
+
+    def weights(transformer: int) -> tuple[tuple[str, int], ...]:
+        return (("transformer", transformer), ("text_encoder", T5_XXL_ENCODER), ("vae", COGVIDEOX_VAE))
+
     v10_sizes = SizeRule(multiple=16, min_side=480, max_side=720, only=((720, 480),))
     v10_frames = FrameRule(step=4, min_frames=9, max_frames=49, only=(49,))
     v10 = dict(
@@ -127,6 +136,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="THUDM/CogVideoX-2b",
             source="THUDM/CogVideoX-2b",
+            weights=weights(1_693_783_872),
             tasks=(TEXT_TO_VIDEO, VIDEO_TO_VIDEO),
             dtype_gpu="float16",
             description="CogVideoX 2B text-to-video and video-to-video, 49 frames 720x480 at 8 fps",
@@ -135,6 +145,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="THUDM/CogVideoX-5b",
             source="THUDM/CogVideoX-5b",
+            weights=weights(5_570_283_072),
             tasks=(TEXT_TO_VIDEO, VIDEO_TO_VIDEO),
             description="CogVideoX 5B text-to-video and video-to-video, 49 frames 720x480 at 8 fps",
             **v10,
@@ -142,6 +153,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="THUDM/CogVideoX-5b-I2V",
             source="THUDM/CogVideoX-5b-I2V",
+            weights=weights(5_570_479_680),
             tasks=(IMAGE_TO_VIDEO,),
             description="CogVideoX 5B image-to-video, 49 frames 720x480 at 8 fps",
             **v10,
@@ -149,6 +161,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="THUDM/CogVideoX1.5-5B",
             source="THUDM/CogVideoX1.5-5B",
+            weights=weights(5_570_676_352),
             tasks=(TEXT_TO_VIDEO, VIDEO_TO_VIDEO),
             sizes=SizeRule(multiple=16, min_side=768, max_side=1360, only=((1360, 768),)),
             description="CogVideoX 1.5 5B text-to-video, 81 or 161 frames 1360x768 at 16 fps",
@@ -157,6 +170,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="THUDM/CogVideoX1.5-5B-I2V",
             source="THUDM/CogVideoX1.5-5B-I2V",
+            weights=weights(5_571_594_880),
             tasks=(IMAGE_TO_VIDEO,),
             sizes=SizeRule(multiple=16, min_side=768, max_side=1360, short_side=768),
             description="CogVideoX 1.5 5B image-to-video, 81 or 161 frames, shorter side 768, at 16 fps",
@@ -165,6 +179,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="alibaba-pai/CogVideoX-Fun-V1.1-2b-Pose",
             source="alibaba-pai/CogVideoX-Fun-V1.1-2b-Pose",
+            weights=weights(1_693_906_752),
             tasks=(CONTROL_TO_VIDEO,),
             description="CogVideoX-Fun 2B pose control: a control video in, 49 frames at 8 fps",
             **{**fun, "heads": 30},
@@ -172,6 +187,7 @@ def _presets() -> tuple[ModelSpec, ...]:
         ModelSpec(
             name="alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose",
             source="alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose",
+            weights=weights(5_570_479_680),
             tasks=(CONTROL_TO_VIDEO,),
             description="CogVideoX-Fun 5B pose control: a control video in, 49 frames at 8 fps",
             **fun,

@@ -45,6 +45,8 @@ PRESETS = (
         name="THUDM/CogView4-6B",
         family=NAME,
         source="THUDM/CogView4-6B",
+        # GLM-4-9B's encoder (THUDM/glm-4-9b-hf's config, without its LM head)
+        weights=(("transformer", 6_369_118_272), ("text_encoder", 8_779_194_368), ("vae", 406_100_643)),
         kind="image",
         tasks=(TEXT_TO_IMAGE,),
         width=1024,
