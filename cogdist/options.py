@@ -246,8 +246,8 @@ class RenderOptions:
     )
     """diffusers' attention backend of the transformer; native: unchanged (cogdist.parallel.attention)."""
     quantize: str = option(
-        "quantize the transformer's weights with torchao: int8 (weight-only), int8-dynamic (int8 "
-        "activations too), fp8 (GPUs of compute capability >= 8.9); pixels change (default none)",
+        "quantize the transformer's weights: int8 (torchao, weight-only), int8-dynamic (int8 activations "
+        "too), fp8 (GPUs of compute capability >= 8.9), bnb-8bit (bitsandbytes); pixels change (default none)",
         QUANTIZE_NONE,
         **QUANTIZED,
     )
@@ -376,7 +376,7 @@ class RenderOptions:
         check_attention_backend(self.attention_backend, self.sp)
         check_compile(self.compile, self.cache)
         check_offload(self.offload, self.gang_size, self.compile)
-        check_quantize(self.quantize, self.quantize_text_encoder)
+        check_quantize(self.quantize, self.quantize_text_encoder, self.offload)
         check_dataset(self.dataset, self.shard_size, self.save_frames)
         seconds = {
             "--capacity-timeout": self.capacity_timeout,

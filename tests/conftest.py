@@ -37,6 +37,7 @@ TEST_EXTRA = {
     "yaml": "pyyaml",
     "datasets": "datasets",
     "torchao": "torchao",
+    "bitsandbytes": "bitsandbytes",
 }
 
 

@@ -28,6 +28,8 @@ from tests.inprocess import in_process_worker
 ROW = {"id": "a", "prompt": "a red fox in the snow", "seed": 7, "width": 64, "height": 64}
 INT8_TOLERANCE = {"max": 8, "mean": 1.0}
 """int8 weights against the float32 ones, tiny CogView4 (measured: max 2/255, mean 0.12/255)."""
+BNB_TOLERANCE = {"max": 8, "mean": 1.0}
+"""bitsandbytes 8-bit against float32, tiny CogView4 (measured: max 2/255, mean 0.14/255)."""
 
 
 def render(tmp_path, name: str, model: str = "tiny-cogview4", **options):
@@ -91,3 +93,26 @@ def test_the_driver_checks_the_mode_and_a_resume_keeps_it(tmp_path):
     )
     with pytest.raises(ResumeConflictError, match="--quantize"):
         check_resume(out, quantized)
+
+
+def test_bnb_8bit_holds_int8_layers_and_renders_close(tmp_path):
+    """bitsandbytes' LLM.int8() layers (they run on a CPU since bitsandbytes 0.45): every linear
+    layer of the transformer holds int8 weights, and the render stays close to fp32's; with an
+    offload tier (its weights could not move off the device) it is refused."""
+    import bitsandbytes as bnb
+
+    _, unquantized = render(tmp_path, "plain")
+    worker, quantized = render(tmp_path, "bnb", quantize="bnb-8bit")
+    modules = list(worker.pipe.transformer.modules())
+    layers = [m for m in modules if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert layers and all(layer.weight.dtype == torch.int8 for layer in layers)
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    difference = np.abs(quantized - unquantized)
+    assert difference.max() <= BNB_TOLERANCE["max"] and difference.mean() <= BNB_TOLERANCE["mean"], (
+        difference.max(),
+        difference.mean(),
+    )
+    with pytest.raises(UsageError, match="bnb-8bit with --offload model: .* cannot move"):
+        RenderOptions("m", "tiny-cogview4", "o", quantize="bnb-8bit", offload="model").check(
+            resolve_model("tiny-cogview4")
+        )

@@ -7,7 +7,10 @@ compiling.
 - `int8-dynamic`: int8 weights and activations, the activations' scales computed per call
   (`Int8DynamicActivationInt8WeightConfig`): int8 matmuls;
 - `fp8`: float8 (e4m3) weights and activations, per row (`Float8DynamicActivationFloat8WeightConfig`),
-  for GPUs of compute capability 8.9 or more (Ada, Hopper, Blackwell).
+  for GPUs of compute capability 8.9 or more (Ada, Hopper, Blackwell);
+- `bnb-8bit`: bitsandbytes' LLM.int8() layers (`Linear8bitLt`, outlier threshold 6.0), as the
+  CogVideoX model cards load them with `BitsAndBytesConfig(load_in_8bit=True)`; the weights are
+  quantized as a layer moves to the worker's device, and cannot move after, so no --offload.
 
 Each changes pixels (rounded weights), so they are job settings: a resume with another value is
 refused. A worker that cannot run a mode (torchao missing, fp8 without such a GPU) stops the job
@@ -23,14 +26,20 @@ NONE = "none"
 INT8 = "int8"
 INT8_DYNAMIC = "int8-dynamic"
 FP8 = "fp8"
-QUANTIZE_MODES = (NONE, INT8, INT8_DYNAMIC, FP8)
+BNB_8BIT = "bnb-8bit"
+QUANTIZE_MODES = (NONE, INT8, INT8_DYNAMIC, FP8, BNB_8BIT)
 FP8_CAPABILITY = (8, 9)
 
 
-def check_quantize(transformer: str, text_encoder: str) -> None:
+def check_quantize(transformer: str, text_encoder: str, offload: str | None) -> None:
     for flag, mode in (("--quantize", transformer), ("--quantize-text-encoder", text_encoder)):
         if mode not in QUANTIZE_MODES:
             raise UsageError(f"{flag} {mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+        if mode == BNB_8BIT and offload not in (None, NONE):
+            raise UsageError(
+                f"{flag} bnb-8bit with --offload {offload}: bitsandbytes' 8-bit weights cannot move off "
+                "the device they were quantized on; use --quantize int8 to offload quantized weights"
+            )
 
 
 def torchao_config(mode: str, device):
@@ -66,12 +75,40 @@ def torchao_config(mode: str, device):
 
 def quantize_pipeline(pipe, device, transformer: str, text_encoder: str) -> None:
     """Quantize the pipeline's transformer and text encoder in place, each by its mode."""
-    from torchao.quantization import quantize_
-
     for name, mode in (("transformer", transformer), ("text_encoder", text_encoder)):
         module = getattr(pipe, name, None)
-        if mode != NONE and module is not None:
+        if mode == NONE or module is None:
+            continue
+        if mode == BNB_8BIT:
+            bnb_8bit(module, device)
+        else:
+            from torchao.quantization import quantize_
+
             quantize_(module, torchao_config(mode, device))
+
+
+def bnb_8bit(module, device) -> None:
+    """Every `nn.Linear` of `module` as bitsandbytes' `Linear8bitLt` holding its weights, quantized
+    on `device` (the layers that `BitsAndBytesConfig(load_in_8bit=True)` loaders make)."""
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise UsageError(
+            f"--quantize bnb-8bit needs bitsandbytes on every worker ({e}): pip install 'cogdist[quantize]'"
+        ) from e
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            layer = bnb.nn.Linear8bitLt(
+                child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
+            )
+            layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = child.bias
+            setattr(parent, name, layer.to(device))
 
 
 def weight_bytes(module) -> int:
