@@ -83,12 +83,16 @@ class RecordingPipeline:
         raise AttributeError(name)
 
 
-@pytest.mark.parametrize("offload,added", [("none", True), ("model", False), ("group", False)])
-def test_the_out_of_memory_retry_adds_model_offload_only_where_none_is_set(offload, added):
+@pytest.mark.parametrize(
+    "offload,quantize,added",
+    [("none", "none", True), ("model", "none", False), ("group", "none", False), ("none", "bnb-8bit", False)],
+)
+def test_the_out_of_memory_retry_adds_model_offload_only_where_none_is_set(offload, quantize, added):
+    """...and never to bitsandbytes' 8-bit weights, which cannot leave their device."""
     from cogdist.worker.settings import WorkerSettings
 
     pipe = RecordingPipeline()
-    settings = replace(WorkerSettings(), offload=offload)
+    settings = replace(WorkerSettings(), offload=offload, quantize=quantize)
     with saving_memory(pipe, torch.device("cuda", 0), settings):
         assert {"enable_tiling", "enable_slicing"} <= set(pipe.calls)
         assert ("enable_model_cpu_offload" in pipe.calls) == added, pipe.calls

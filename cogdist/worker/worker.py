@@ -33,8 +33,8 @@ from cogdist.worker.inputs import InputError, load_inputs
 from cogdist.worker.offload import MODEL as MODEL_OFFLOAD
 from cogdist.worker.offload import NONE as NO_OFFLOAD
 from cogdist.worker.offload import offload_pipeline
+from cogdist.worker.quantize import BNB_8BIT, quantize_pipeline
 from cogdist.worker.quantize import NONE as QUANTIZE_NONE
-from cogdist.worker.quantize import quantize_pipeline
 from cogdist.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -318,7 +318,9 @@ def saving_memory(pipe, device, settings: WorkerSettings) -> Iterator[None]:
         torch.cuda.empty_cache()
     pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
-    offload = device.type == "cuda" and settings.offload == NO_OFFLOAD  # never a second offload
+    # Never a second offload, nor one of bitsandbytes' 8-bit weights (they cannot leave the device).
+    quantized_8bit = BNB_8BIT in (settings.quantize, settings.quantize_text_encoder)
+    offload = device.type == "cuda" and settings.offload == NO_OFFLOAD and not quantized_8bit
     if offload:
         offload_pipeline(pipe, device, MODEL_OFFLOAD)
     try:
