@@ -37,7 +37,6 @@ TEST_EXTRA = {
     "yaml": "pyyaml",
     "datasets": "datasets",
     "torchao": "torchao",
-    "bitsandbytes": "bitsandbytes",
 }
 
 
