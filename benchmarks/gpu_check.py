@@ -34,14 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, family_runner, save
-from benchmarks.step_time import (
-    MODELS,
-    backend_unavailable,
-    matmul_peak,
-    real_size_pipeline,
-    run,
-    tiny_pipeline,
-)
+from benchmarks.step_time import MODELS, backend_unavailable, matmul_peak, pipeline, run
 from cogdist.worker.attention import AUTO_ORDER, NATIVE
 from cogdist.worker.offload import OFFLOAD_MODES, offload_pipeline
 
@@ -73,10 +66,6 @@ def step_rows(name: str, tiny: bool, steps: int, device, dtype, peak: float, com
     except Exception as error:  # fp8 needs compute capability >= 8.9: a row, not a crash
         rows.append({"model": name, "quantize": "fp8", "status": "skipped", "reason": str(error)[:300]})
     return rows
-
-
-def pipeline(name: str, tiny: bool, device, dtype):
-    return tiny_pipeline(name, device, dtype) if tiny else real_size_pipeline(name, device, dtype)
 
 
 def offload_rows(name: str, tiny: bool, device, dtype) -> list[dict]:

@@ -142,6 +142,11 @@ def tiny_pipeline(name: str, device: torch.device, dtype: torch.dtype):
     return worker.pipe
 
 
+def pipeline(name: str, tiny: bool, device: torch.device, dtype: torch.dtype):
+    """Model `name`'s pipeline: its tiny preset's, or the real-size one with random weights."""
+    return tiny_pipeline(name, device, dtype) if tiny else real_size_pipeline(name, device, dtype)
+
+
 class StepClock:
     """Times every scheduler step of a pipeline (device synchronised) and counts a step's FLOPs."""
 
@@ -304,9 +309,7 @@ def run(
     if tiny:
         spec = PRESETS[preset]
         width, height, frames = spec.width, spec.height, spec.num_frames
-        pipe = tiny_pipeline(name, device, dtype)
-    else:
-        pipe = real_size_pipeline(name, device, dtype)
+    pipe = pipeline(name, tiny, device, dtype)
     if quantize != NO_QUANTIZATION:
         quantize_pipeline(pipe, device, quantize, NO_QUANTIZATION)
     runner = family_runner(family)
