@@ -17,7 +17,8 @@ from cogdist.models.registry import PRESETS, ModelSpec
 from cogdist.options import RenderOptions
 from cogdist.scheduler.pending import scan_pending
 from cogdist.sink.job import JOB_RECORD
-from cogdist.sink.ledger import FAILURES, INDEX, read_ids, read_table
+from cogdist.sink.journal import done_ids
+from cogdist.sink.ledger import FAILURES, read_table
 from cogdist.storage import open_location
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
     if not location.exists(JOB_RECORD):
         raise UsageError(f"{location.public_uri} holds no cogdist job (no {JOB_RECORD})")
     model = json.loads(location.read_bytes(JOB_RECORD))["settings"]["model"]
-    done = read_ids(location, INDEX)
+    done = done_ids(location)
     table = read_table(location, FAILURES)
     failures: list[tuple[str, str, int]] = []
     failed = 0

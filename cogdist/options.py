@@ -36,6 +36,7 @@ from cogdist.sink import SINKS, check_dataset
 from cogdist.sink.dataset import DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS, check_output_format
 from cogdist.sink.job import JobSettings
+from cogdist.sink.journal import DEFAULT_INDEX_INTERVAL, FOLD_ROWS
 from cogdist.storage import RETRY_SECONDS
 from cogdist.worker.attention import AUTO, BACKENDS, NATIVE, check_attention_backend
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
@@ -119,7 +120,6 @@ class RenderOptions:
         kind=RECORDED,
         worker=True,
     )
-    """Sequence-parallel degree: GPUs sharing one sample's tokens."""
     collective_timeout: float = option(
         "seconds a gang member waits for a peer before the gang is rebuilt (default %(default).0f)",
         600.0,
@@ -273,13 +273,19 @@ class RenderOptions:
     """Seconds a read or write of OUT (or of an input) is retried through transient errors, such
     as an object store restarting, before the run stops (a re-run resumes it)."""
     commit_interval: float = option(
-        "seconds between index commits: each commit writes the rows finished since the last one "
-        "as one Parquet part (default %(default)g)",
+        "seconds between commits: each makes the rows finished since the last one durable (a killed "
+        "driver loses at most this long of work) in a journal part (default %(default)g)",
         2.0,
         kind=RECORDED,
         metavar="S",
     )
-    """Seconds between index commits (finished rows are committed in one Parquet part)."""
+    index_interval: float = option(
+        f"seconds index/ may lag the commits: it gains one part of the journal's rows this often, or "
+        f"per {FOLD_ROWS:,} rows, sooner early in a run (default %(default)g; cogdist.sink.journal)",
+        DEFAULT_INDEX_INTERVAL,
+        kind=RECORDED,
+        metavar="S",
+    )
     step_checkpoint: int | None = option(
         "video models: save the denoising state every N steps so a killed item resumes mid-way "
         f"(default: every {CHECKPOINT_SECONDS:.0f}s of an item's denoising; 0: never)",
@@ -383,9 +389,10 @@ class RenderOptions:
             "--storage-timeout": self.storage_timeout,
             "--collective-timeout": self.collective_timeout,
             "--commit-interval": self.commit_interval,
+            "--index-interval": self.index_interval,
         }
         for flag, value in seconds.items():  # an infinite interval would never commit
-            if not value > 0 or (flag == "--commit-interval" and value == float("inf")):
+            if not value > 0 or (flag.endswith("-interval") and value == float("inf")):
                 raise UsageError(f"{flag} must be > 0 seconds, got {value}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise UsageError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")

@@ -208,8 +208,12 @@ def read_table(out: str, folder: str = "index"):
 
 
 def committed_rows(out: str) -> int:
+    """Rows a resume of OUT would not render again: in index/ or its journal."""
+    from cogdist.sink.journal import done_ids
+    from cogdist.storage import open_location
+
     try:
-        return read_table(out)[0].num_rows
+        return len(done_ids(open_location(out)))
     except (FileNotFoundError, OSError, ValueError):
         return 0
 

@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
+from cogdist.sink.journal import read_done
+from cogdist.storage import open_location
 from tests.chaos.fleet import fleet_command, local_cluster
 from tests.conftest import ROOT, committed_rows, reap_session, write_manifest
 
@@ -94,7 +95,9 @@ def live_placement_groups(address: str) -> list[str]:
 
 
 def index(out: str):
-    return ds.dataset(f"{out}/index").to_table().to_pylist()
+    """The committed rows (index/ and its journal, as a resume reads them)."""
+    table = read_done(open_location(out))
+    return table.to_pylist() if table is not None else []
 
 
 def test_a_job_that_never_gets_its_gpus_stops_after_the_capacity_timeout(fleet, tmp_path):

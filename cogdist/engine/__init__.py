@@ -26,6 +26,7 @@ from cogdist.scheduler import Scheduler
 from cogdist.scheduler.pending import pending_rows, scan_pending
 from cogdist.sink.encode import extension
 from cogdist.sink.job import check_resume, clear_outputs, write_job_record
+from cogdist.sink.journal import JOURNAL, recover
 from cogdist.sink.ledger import FAILURES, INDEX, read_ids
 from cogdist.worker.worker import RenderWorker
 
@@ -102,14 +103,18 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
         clear_outputs(out)
     if not check_resume(out, job.settings):
         write_job_record(out, job.settings)
-    for folder in (INDEX, FAILURES):
+    for folder in (INDEX, FAILURES, JOURNAL):
         out.sweep_temporary(folder)
 
     done_ids = read_ids(out, INDEX)
+    recovered = recover(out, done_ids)  # rows a killed driver made durable but did not index
+    if len(recovered):
+        done_ids = pa.concat_arrays([done_ids, recovered])
     failed_ids = pa.array([], pa.string()) if options.retry_failed else read_ids(out, FAILURES)
     counts = scan_pending(job.source, done_ids, failed_ids)
     log_line = (
         f"cogdist: {counts.total} rows in manifest, {counts.done} already done"
+        + (f" ({len(recovered)} indexed from the journal of a killed run)" if len(recovered) else "")
         + (f", {counts.failed} failed earlier (skipped)" if counts.failed else "")
         + f", {counts.pending} to render with {job.spec.name} -> {out.public_uri}"
     )

@@ -117,6 +117,8 @@ class RenderLoop:
             job.spec.name,
             self.options.format,
             self.options.shard_size,
+            self.options.commit_interval,
+            self.options.index_interval,
         )
         n = self.layout.replicas
         if self.layout.follows_cluster:  # never more gangs than units to render
@@ -178,7 +180,7 @@ class RenderLoop:
         finally:
             try:
                 if not self.commit_failed:  # it failed for --storage-timeout: do not wait again
-                    self._commit(flush=True)
+                    self._commit(flush=True, final=True)
             finally:
                 for replica in self.replicas:  # removes every placement group the job made
                     replica.gang.kill()
@@ -432,10 +434,11 @@ class RenderLoop:
         if self.sink.wants_commit:
             self._commit(flush=True)
 
-    def _commit(self, flush: bool = False) -> None:
-        """Commit finished rows (after storing what the sink holds in memory, with `flush`) and failures."""
+    def _commit(self, flush: bool = False, final: bool = False) -> None:
+        """Commit finished rows (after storing what the sink holds in memory, with `flush`) and
+        failures; `final`: into index/ itself."""
         try:
-            self.sink.commit(flush)
+            self.sink.commit(flush, final)
         except StorageError as e:
             self.commit_failed = True
             raise StorageError(

@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from cogdist.errors import UsageError
 from cogdist.sink.job import JOB_RECORD
-from cogdist.sink.ledger import FAILURES, INDEX, read_schema, read_table
+from cogdist.sink.journal import done_schema, read_done
+from cogdist.sink.ledger import FAILURES, read_table
 from cogdist.storage import Location
 
 IDLE_GAP_SECONDS = 300.0
@@ -169,11 +170,11 @@ def read_job(location: Location) -> JobData:
             f"{location.public_uri} holds no cogdist job (no {JOB_RECORD}): give the --out folder of a render"
         )
     record = json.loads(location.read_bytes(JOB_RECORD))
-    schema = read_schema(location, INDEX)
+    schema = done_schema(location)
     columns = ["id", "finished_at", "render_seconds"]
     extra = [name for name in ("replica", "node") if schema is not None and name in schema.names]
     has_replicas = "replica" in extra
-    table = read_table(location, INDEX, columns + extra)
+    table = read_done(location, columns + extra)
     if table is None:
         table = pa.table(
             {

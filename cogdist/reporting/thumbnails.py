@@ -8,12 +8,13 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.dataset as ds
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from cogdist.errors import StorageError
 from cogdist.sink.dataset import read_sample
-from cogdist.sink.ledger import INDEX, read_schema, read_table
+from cogdist.sink.journal import done_schema, read_done
 from cogdist.storage import Location
 
 THUMBNAIL_PIXELS = 160
@@ -36,11 +37,10 @@ class Thumbnail:
 def read_thumbnails(location: Location, ids: list[str]) -> list[Thumbnail]:
     if not ids:
         return []
-    schema = read_schema(location, INDEX)
+    schema = done_schema(location)
     wanted = ["id", "prompt", "path", "fps", "format", "sample_key"]
-    table = read_table(
-        location, INDEX, [c for c in wanted if c in schema.names], filter=ds.field("id").isin(ids)
-    )
+    table = read_done(location, [c for c in wanted if c in schema.names])
+    table = table.filter(pc.is_in(table["id"].cast(pa.string()), value_set=pa.array(ids, pa.string())))
     rows = sorted(table.to_pylist(), key=lambda row: row["id"])
     shards: dict[str, bytes] = {}  # --dataset: several samples may share a shard
     return [_thumbnail(location, row, shards) for row in rows]

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import pyarrow as pa
 
+from cogdist.sink.journal import DEFAULT_INDEX_INTERVAL, IndexWriter
 from cogdist.sink.ledger import (
     FAILURE_SCHEMA,
     FAILURES,
-    INDEX,
     Outcome,
     PartWriter,
     index_row,
@@ -36,13 +36,21 @@ class Sink(ABC):
     """Workers return each encoded output to the driver (which stores it) instead of storing it."""
 
     def __init__(
-        self, out: Location, kind: str, manifest_schema: pa.Schema, model: str, format: str, shard_size: int
+        self,
+        out: Location,
+        kind: str,
+        manifest_schema: pa.Schema,
+        model: str,
+        format: str,
+        shard_size: int,
+        commit_interval: float,
+        index_interval: float = DEFAULT_INDEX_INTERVAL,
     ):
         self.out = out
         self.kind = kind
         self.model = model
         self.format = format
-        self.index = PartWriter(out, INDEX, index_schema(manifest_schema))
+        self.index = IndexWriter(out, index_schema(manifest_schema), commit_interval, index_interval)
         self._open(shard_size)
         self.failures = PartWriter(out, FAILURES, FAILURE_SCHEMA)
 
@@ -91,8 +99,9 @@ class Sink(ABC):
         """The sink holds enough to be flushed now (a full shard)."""
         return False
 
-    def commit(self, flush: bool = False) -> None:
-        """Commit the index rows and failures added so far; `flush`: first store what is held in
-        memory (a partial shard) too. Raises StorageError when OUT refuses it."""
-        self.index.commit()
+    def commit(self, flush: bool = False, final: bool = False) -> None:
+        """Commit the index rows (to the journal, see cogdist.sink.journal) and failures added so
+        far; `flush`: first store what is held in memory (a partial shard) too; `final`: the job
+        ends, fold the journal into index/. Raises StorageError when OUT refuses it."""
+        self.index.commit(final=final)
         self.failures.commit()

@@ -144,48 +144,65 @@ class PartWriter:
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
 
+    def table(self) -> pa.Table:
+        """The buffered rows as a table of `schema`."""
+        return pa.Table.from_pylist(self.rows, schema=self.schema)
+
     def commit(self) -> int:
         """Write the buffered rows as one part; on failure they stay buffered for the next try."""
         if not self.rows:
             return 0
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        self.write(self.table())
+        written, self.rows = len(self.rows), []
+        return written
+
+    def write(self, table: pa.Table) -> str:
+        """Store `table` as the next part of `folder`, whole; its name relative to the location."""
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         name = f"{self.folder}/part-{self.session}-{self.sequence:06d}.parquet"
         self.location.write_bytes(name, buffer.getvalue(), durable=True)
         self.sequence += 1
-        written, self.rows = len(self.rows), []
-        return written
+        return name
 
 
 def read_ids(location: Location, folder: str) -> pa.Array:
-    """The `id` column of every part under `folder` (empty when there is none).
+    """The `id` column of every part under `folder` (empty when there is none)."""
+    table = read_parts(location, folder, ["id"])
+    return ids_of(table) if table is not None else pa.array([], pa.string())
+
+
+def read_parts(location: Location, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+    """`columns` of every part under `folder` as one table (None when there is no part).
 
     A part that cannot be read (only a write that failed half-way and was never acknowledged
-    can leave one) is moved to _cogdist/quarantine, so the index stays readable; its rows were
+    can leave one) is moved to _cogdist/quarantine, so the folder stays readable; its rows were
     never counted as done and are rendered again.
     """
     parts = location.list_files(folder, ".parquet")
     if not parts:
-        return pa.array([], pa.string())
+        return None
     try:
         dataset = ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet")
-        return _ids(dataset.to_table(columns=["id"]))
+        return dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError):
         pass
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part.path, columns=["id"], filesystem=location.fs))
+            tables.append(pq.read_table(part.path, columns=columns, filesystem=location.fs))
+        except FileNotFoundError:
+            continue  # deleted since the listing (a journal part, folded meanwhile)
         except (pa.ArrowInvalid, OSError) as e:
             target = location.path(f"{QUARANTINE}/{part.base_name}")
             log.warning("moving unreadable part %s to %s: %s", part.base_name, QUARANTINE, e)
             location.fs.create_dir(location.path(QUARANTINE), recursive=True)
             location.fs.move(part.path, target)
-    return _ids(pa.concat_tables(tables)) if tables else pa.array([], pa.string())
+    return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def _ids(table: pa.Table) -> pa.Array:
+def ids_of(table: pa.Table) -> pa.Array:
+    """The `id` column of `table` as one string array."""
     column = table.column("id").cast(pa.string())
     return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
 

@@ -29,7 +29,7 @@ class ShardSink(Sink):
     def wants_commit(self) -> bool:
         return self.shards.full
 
-    def commit(self, flush: bool = False) -> None:
+    def commit(self, flush: bool = False, final: bool = False) -> None:
         if flush:
             self.index.add(self.shards.flush())
-        super().commit()
+        super().commit(final=final)

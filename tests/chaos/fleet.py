@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cogdist.sink.journal import read_done
+from cogdist.storage import open_location
 from tests.chaos.harness import ROOT, STEPS, Outcome, audit, chaos_manifest, render_command, settle_session
 from tests.chaos.progress import POLL_SECONDS, Watcher
 
@@ -49,10 +51,9 @@ def fleet_command(manifest: Path, out: str, address: str, *flags: str, steps: in
 
 
 def node_ids(out: str) -> list[str]:
-    """The `node` column of OUT's index."""
-    import pyarrow.dataset as ds
-
-    return ds.dataset(f"{out}/index").to_table(columns=["node"])["node"].to_pylist()
+    """The `node` column of OUT's committed rows (index/ and its journal)."""
+    table = read_done(open_location(out), ["node"])
+    return table["node"].to_pylist() if table is not None else []
 
 
 def spot_week(
@@ -96,7 +97,7 @@ def spot_week(
             awaited: str | None = None  # a joined node the job has not rendered on yet
             while driver.poll() is None:
                 watcher.look()
-                if watcher.grew:
+                if watcher.changed:
                     last_change = time.monotonic()
                     if awaited is not None and awaited in node_ids(out):
                         events.append(f"first row on {awaited[:8]} at {watcher.rows} rows")

@@ -58,6 +58,9 @@ RATE = 10.0
 COMMIT_INTERVAL = 0.25
 """Seconds between the driver's commits: short, so that a kill after N rows of an attempt
 strikes within a few rows of N even on a machine several times faster."""
+INDEX_INTERVAL = 0.5
+"""The most seconds between folds of the journal into index/ (COMMIT kills strike just after one):
+short, for the same reason."""
 FASTEST = 4.0
 """The scenarios keep enough rows for every planned fault to land on machines up to this many
 times faster than the one they were sized on (and any slower one)."""
@@ -66,6 +69,11 @@ times faster than the one they were sized on (and any slower one)."""
 def rows_per_commit(speed: float = FASTEST) -> int:
     """The most rows one commit of `render_command` holds on a machine `speed` times as fast."""
     return math.ceil(speed * RATE * COMMIT_INTERVAL)
+
+
+def rows_per_fold(speed: float = FASTEST) -> int:
+    """... and the most one fold of its journal into index/ holds."""
+    return math.ceil(speed * RATE * max(COMMIT_INTERVAL, INDEX_INTERVAL))
 
 
 def render_command(manifest: Path, out: str, *flags: str, steps: int = STEPS) -> list[str]:
@@ -91,6 +99,8 @@ def render_command(manifest: Path, out: str, *flags: str, steps: int = STEPS) ->
         str(REPLICAS),
         "--commit-interval",
         str(COMMIT_INTERVAL),
+        "--index-interval",
+        str(INDEX_INTERVAL),
         *flags,
     ]
 
@@ -589,7 +599,7 @@ def kill_repeatedly(
         seen, last_progress = None, started
         while (exited := driver.poll()) is None:
             watcher.look()
-            if watcher.grew:
+            if watcher.changed:
                 last_progress = time.monotonic()
             seen = point.reached(watcher)
             if seen is None and share is not None and watcher.new_rows >= share:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from cogdist.sink.job import JOB_RECORD
+from cogdist.sink.journal import JOURNAL, done_ids, read_done
 from cogdist.sink.naming import OUTPUTS
 from cogdist.storage import Location
 
@@ -60,16 +60,17 @@ def workers(sid: int, title: str = WORKER) -> list[psutil.Process]:
 
 
 def count_rows(location: Location) -> int:
+    """Rows committed: in index/ or in its journal (durable, not folded yet), once each."""
     try:
-        return ds.dataset(location.path(INDEX), filesystem=location.fs, format="parquet").count_rows()
+        return len(done_ids(location))
     except (FileNotFoundError, OSError, ValueError):
         return 0
 
 
-def count_parts(location: Location) -> int:
-    """Committed index parts (one LIST: cheap enough to poll, even on S3)."""
+def count_parts(location: Location, folder: str = INDEX) -> int:
+    """Parts of index/ (or of the journal): one LIST, cheap enough to poll, even on S3."""
     try:
-        return len(location.list_files(INDEX, ".parquet"))
+        return len(location.list_files(folder, ".parquet"))
     except OSError:
         return 0
 
@@ -84,20 +85,19 @@ def stored_outputs(location: Location) -> list[pafs.FileInfo]:
 
 
 def indexed_paths(location: Location) -> set[str]:
+    """Paths of the committed rows (index/ and journal)."""
     try:
-        table = ds.dataset(location.path(INDEX), filesystem=location.fs, format="parquet").to_table(
-            columns=["path"]
-        )
+        table = read_done(location, ["path"])
     except (FileNotFoundError, OSError, ValueError):
         return set()
-    return set(table.column("path").to_pylist())
+    return set(table.column("path").to_pylist()) if table is not None else set()
 
 
 class Watcher:
     """One attempt of a job (a driver in session `sid`, printing to `log`), observed from outside.
 
-    `look()` refreshes what changes between commits; index rows are recounted only when the
-    number of parts changes, so polling stays cheap on an object store.
+    `look()` refreshes what changes between commits; committed rows are recounted only when the
+    number of parts (of index/ or its journal) changes, so polling stays cheap on an object store.
     """
 
     def __init__(self, location: Location, sid: int | None = None, log: Path | None = None):
@@ -105,16 +105,18 @@ class Watcher:
         self.sid = sid
         self.log = log
         self.started_ns = time.time_ns()
-        self.parts = count_parts(location)
+        self.parts = (count_parts(location), count_parts(location, JOURNAL))
         self.rows = self.start_rows = count_rows(location)
-        self.commits = 0  # commits seen during this attempt
-        self.grew = False  # the last look saw a new commit
-        self._indexed: set[str] | None = None  # index paths, read when first needed after a commit
+        self.commits = 0  # commits (to the journal or folds into index/) seen during this attempt
+        self.grew = False  # the last look saw index/ gain a part: a fold of the journal
+        self.changed = False  # the last look saw a commit of either kind
+        self._indexed: set[str] | None = None  # committed paths, read when first needed after a commit
 
     def look(self) -> None:
-        parts = count_parts(self.location)
-        self.grew = parts != self.parts
-        if self.grew:
+        parts = (count_parts(self.location), count_parts(self.location, JOURNAL))
+        self.grew = parts[0] != self.parts[0]
+        self.changed = parts != self.parts
+        if self.changed:
             self.parts, self.rows = parts, count_rows(self.location)
             self.commits += 1
             self._indexed = None
@@ -125,7 +127,7 @@ class Watcher:
 
     @property
     def new_rows(self) -> int:
-        """Rows indexed during this attempt."""
+        """Rows committed during this attempt."""
         return self.rows - self.start_rows
 
     def printed(self) -> bool:
@@ -139,7 +141,7 @@ class Watcher:
         return len(workers(self.sid, title)) if self.sid is not None else 0
 
     def unindexed_outputs(self) -> int:
-        """Outputs this attempt stored that the index does not hold yet (rendered, not committed)."""
+        """Outputs this attempt stored that are not committed yet (rendered, in no journal part)."""
         if self._indexed is None:
             self._indexed = indexed_paths(self.location)
         prefix = self.location.root.rstrip("/") + "/"
@@ -159,8 +161,8 @@ class Watcher:
 LAUNCH = "launch"  # before the driver has printed anything
 SCANNED = "scanned"  # the driver printed its first line: manifest scanned, job record written
 STARTING = "starting"  # worker actors exist, this attempt has committed nothing yet
-RENDER = "render"  # after N rows of this attempt: a unit in flight, outputs stored, not indexed
-COMMIT = "commit"  # after N rows of this attempt: just after a commit
+RENDER = "render"  # after N rows of this attempt: a unit in flight, outputs stored, not committed
+COMMIT = "commit"  # after N rows of this attempt: just after a fold of the journal into index/
 STARTUP_POINTS = (LAUNCH, SCANNED, STARTING)
 KILL_KINDS = (*STARTUP_POINTS, RENDER, COMMIT)
 
@@ -171,7 +173,7 @@ class KillPoint:
 
     kind: str
     rows: int = 0
-    """RENDER and COMMIT: rows this attempt must have indexed first (so every attempt progresses)."""
+    """RENDER and COMMIT: rows this attempt must have committed first (so every attempt progresses)."""
 
     def describe(self) -> str:
         return f"{self.kind}+{self.rows}" if self.kind in (RENDER, COMMIT) else self.kind
@@ -186,7 +188,7 @@ class KillPoint:
             return None
         if self.kind == STARTING:
             if watcher.commits:  # the phase passed between two looks: strike at once, and say so
-                return f"missed the start; struck at this attempt's first commit ({watcher.rows} indexed)"
+                return f"missed the start; struck at this attempt's first commit ({watcher.rows} committed)"
             alive = watcher.workers()
             if alive:
                 return f"{alive} worker(s) up, {watcher.workers(LOADING)} loading, nothing committed yet"
@@ -195,14 +197,14 @@ class KillPoint:
             return None
         if self.kind == COMMIT:
             if watcher.grew:
-                return f"just after a commit, {watcher.rows} indexed"
+                return f"just after a fold into index/, {watcher.rows} committed"
             return None
         # RENDER: a unit in flight since the last commit, its outputs partly stored
-        if watcher.grew or not watcher.workers(RENDERING):
+        if watcher.changed or not watcher.workers(RENDERING):
             return None
         stored = watcher.unindexed_outputs()
         if stored:
-            return f"unit in flight, {stored} output(s) stored not indexed, {watcher.rows} indexed"
+            return f"unit in flight, {stored} output(s) stored not committed, {watcher.rows} committed"
         return None
 
 
@@ -238,7 +240,9 @@ class KillPlan:
         rng.shuffle(points)
         return cls(points)
 
-    def rows_needed(self, rows_per_commit: int) -> int:
+    def rows_needed(self, rows_per_commit: int, rows_per_fold: int | None = None) -> int:
         """Rows the job must hold for every kill to land, when one commit holds at most
-        `rows_per_commit` rows (a kill after N rows strikes at the latest one commit later)."""
-        return sum(p.rows + rows_per_commit for p in self.points if p.kind in (RENDER, COMMIT)) + 1
+        `rows_per_commit` rows and one fold into index/ `rows_per_fold` (default: as many): a
+        RENDER kill after N rows strikes at the latest one commit later, a COMMIT kill one fold."""
+        later = {RENDER: rows_per_commit, COMMIT: rows_per_commit if rows_per_fold is None else rows_per_fold}
+        return sum(p.rows + later[p.kind] for p in self.points if p.kind in later) + 1

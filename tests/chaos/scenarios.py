@@ -28,6 +28,7 @@ from tests.chaos.harness import (
     patched_environ,
     render_command,
     rows_per_commit,
+    rows_per_fold,
 )
 from tests.chaos.outage import storage_outage, storage_outage_stops
 from tests.chaos.progress import KillPlan
@@ -61,7 +62,7 @@ def driver_kills(
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     plan = KillPlan.random(kills, rng)
-    needed = plan.rows_needed(rows_per_commit())
+    needed = plan.rows_needed(rows_per_commit(), rows_per_fold())
     rows = rows or needed
     if rows < needed:
         raise ValueError(f"{kills} kills need at least {needed} rows to land on a fast machine, not {rows}")

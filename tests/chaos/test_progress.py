@@ -10,7 +10,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from cogdist.sink.ledger import INDEX, PartWriter
+from cogdist.sink.journal import IndexWriter
 from cogdist.sink.naming import output_path
 from cogdist.storage import open_location
 from tests.chaos.progress import COMMIT, LAUNCH, RENDER, SCANNED, STARTING, KillPlan, KillPoint, Watcher
@@ -18,11 +18,18 @@ from tests.chaos.progress import COMMIT, LAUNCH, RENDER, SCANNED, STARTING, Kill
 SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string())])
 
 
-def commit(writer: PartWriter, location, ids: list[str]) -> None:
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def commit(writer: IndexWriter, location, ids: list[str], final: bool = False) -> None:
     for item_id in ids:
         location.write_bytes(output_path(item_id, "png"), b"png")
     writer.add([{"id": i, "path": output_path(i, "png")} for i in ids])
-    writer.commit()
+    writer.commit(final=final)
 
 
 def test_a_plan_covers_every_point_in_fixed_shares_and_says_how_many_rows_it_needs():
@@ -43,8 +50,9 @@ def test_a_plan_covers_every_point_in_fixed_shares_and_says_how_many_rows_it_nee
 def test_points_strike_at_their_state_of_the_job(tmp_path):
     location = open_location(str(tmp_path / "out"))
     log = tmp_path / "driver.log"
-    earlier = PartWriter(location, INDEX, SCHEMA)
-    commit(earlier, location, ["old/0", "old/1"])  # an earlier attempt's rows
+    clock = Clock()
+    earlier = IndexWriter(location, SCHEMA, commit_interval=2.0, clock=clock)
+    commit(earlier, location, ["old/0", "old/1"], final=True)  # an earlier attempt's rows
     location.write_bytes(output_path("old/2", "png"), b"png")  # ... and an output it never indexed
 
     time.sleep(0.02)  # file times come from a coarse clock: let it tick past the earlier attempt
@@ -54,13 +62,18 @@ def test_points_strike_at_their_state_of_the_job(tmp_path):
     log.write_text("cogdist: 5 rows in manifest\n")
     assert KillPoint(SCANNED).reached(watcher).startswith("first line printed")
 
-    writer = PartWriter(location, INDEX, SCHEMA)
-    commit(writer, location, ["new/0"])
+    writer = IndexWriter(location, SCHEMA, commit_interval=2.0, clock=clock)
+    commit(writer, location, ["new/0"])  # into the journal: committed, not in index/ yet
     watcher.look()
-    assert (watcher.commits, watcher.new_rows, watcher.grew) == (1, 1, True)
-    assert KillPoint(COMMIT, rows=2).reached(watcher) is None  # too few rows of this attempt yet
-    assert KillPoint(COMMIT, rows=1).reached(watcher) == "just after a commit, 3 indexed"
+    assert (watcher.commits, watcher.new_rows, watcher.grew, watcher.changed) == (1, 1, False, True)
+    assert KillPoint(COMMIT, rows=1).reached(watcher) is None  # COMMIT waits for a fold
     assert KillPoint(STARTING).reached(watcher).startswith("missed the start")
+    clock.now += 2.0
+    writer.commit()  # the fold: the journal's rows become an index part
+    watcher.look()
+    assert (watcher.commits, watcher.new_rows, watcher.grew) == (2, 1, True)
+    assert KillPoint(COMMIT, rows=2).reached(watcher) is None  # too few rows of this attempt yet
+    assert KillPoint(COMMIT, rows=1).reached(watcher) == "just after a fold into index/, 3 committed"
     watcher.look()
     assert not watcher.grew and KillPoint(COMMIT, rows=1).reached(watcher) is None  # no new commit
 

@@ -61,7 +61,7 @@ def _kill_workers(
         last, wanted = watcher.rows, rng.randint(*gap)
         while len(made) < kills and driver.poll() is None:
             watcher.look()
-            if watcher.rows - last >= wanted and not watcher.grew:
+            if watcher.rows - last >= wanted and not watcher.changed:
                 busy = workers(sid, RENDERING)
                 if busy:
                     victim = rng.choice(busy)
