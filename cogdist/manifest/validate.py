@@ -44,24 +44,22 @@ def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationRepo
 
     found: list[ManifestProblem] = []
     total = 0
-    ids, files, rows = [], [], []
-    file_numbers = {f.path: i for i, f in enumerate(source.files)}
+    ids: list[pa.Array] = []
+    places: list[tuple[str, int]] = []  # per batch: its file's name and its first row there
     # Every column is read, not only cogdist's: a string that is not valid UTF-8 (writers other
     # than Arrow's do not all check) in any column would otherwise fail the render, not the check.
     for part in source.batches():
         check = _check_batch(part, spec, MAX_REPORTED - len(found))
         total += check.count
         found.extend(check.problems)
-        n = part.batch.num_rows
-        ids.append(check.ids_for_duplicates)
-        files.append(pa.array(np.full(n, file_numbers[part.file.path], dtype=np.int32)))
-        rows.append(pa.array(np.arange(part.first_row, part.first_row + n, dtype=np.int64)))
+        ids.append(pc.cast(check.ids_for_duplicates, pa.string()))
+        places.append((part.file.name, part.first_row))
     if ids:
-        count, duplicates = _duplicates(source, ids, files, rows, MAX_REPORTED - len(found))
+        count, duplicates = _duplicates(ids, places, MAX_REPORTED - len(found))
         total += count
         found.extend(duplicates)
-        del ids, files, rows
-        pa.default_memory_pool().release_unused()  # the id tables were the big part; return them
+        del ids
+        pa.default_memory_pool().release_unused()  # the ids were the big part; return them
     if total:
         raise ManifestError(found, total=total)
     return ValidationReport(rows=source.num_rows, files=len(source.files))
@@ -359,41 +357,34 @@ def _check_frames(
 
 
 def _duplicates(
-    source: ManifestSource, ids: list, files: list, rows: list, limit: int
+    ids: list[pa.Array], places: list[tuple[str, int]], limit: int
 ) -> tuple[int, list[ManifestProblem]]:
-    table = pa.table(
-        {
-            "id": pa.chunked_array([pc.cast(a, pa.string()) for a in ids], type=pa.string()),
-            "file": pa.chunked_array(files),
-            "row": pa.chunked_array(rows),
-        }
-    )
-    table = table.filter(pc.is_valid(table["id"]))
-    # The common case, no duplicates, costs one distinct count; the grouping only runs otherwise.
-    if pc.count_distinct(table["id"]).as_py() == table.num_rows:
+    """Ids found more than once (nulls aside): how many, and a problem for the first `limit`.
+    `ids` holds each batch's ids, `places` each batch's file name and first row."""
+    column = pa.chunked_array(ids, type=pa.string())
+    # The common case, no duplicates, costs one distinct count of the ids alone; finding where
+    # the duplicates are only runs otherwise.
+    if pc.count_distinct(column, mode="only_valid").as_py() == len(column) - column.null_count:
         return 0, []
-    counts = table.group_by("id").aggregate([("id", "count")])
-    repeated = counts.filter(pc.greater(counts["id_count"], 1))
-    if repeated.num_rows == 0:
-        return 0, []
-    where = table.filter(pc.is_in(table["id"], value_set=repeated["id"]))
-    by_id: dict[str, list[tuple[int, int]]] = {}
-    for item_id, file_no, row in zip(
-        where["id"].to_pylist(), where["file"].to_pylist(), where["row"].to_pylist()
-    ):
-        by_id.setdefault(item_id, []).append((file_no, row))
+    counts = pa.table({"id": column}).group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.and_(pc.greater(counts["id_count"], 1), pc.is_valid(counts["id"])))
+    wanted = repeated["id"].combine_chunks()
+    where: dict[str, list[tuple[str, int]]] = {}
+    for batch_ids, (file, first_row) in zip(ids, places):
+        hits = pc.indices_nonzero(pc.fill_null(pc.is_in(batch_ids, value_set=wanted), False))
+        for i in hits.to_pylist():
+            where.setdefault(batch_ids[i].as_py(), []).append((file, first_row + i))
     problems = []
-    for item_id, places in list(by_id.items())[: max(0, limit)]:
-        first_file, first_row = places[0]
-        for file_no, row in places[1:2]:
-            problems.append(
-                ManifestProblem(
-                    f"duplicate id: also at {source.files[first_file].name} row {first_row}"
-                    + (f" and {len(places) - 2} more place(s)" if len(places) > 2 else ""),
-                    file=source.files[file_no].name,
-                    row=row,
-                    id=item_id,
-                    column="id",
-                )
+    for item_id, found in list(where.items())[: max(0, limit)]:
+        (first_file, first_row), (file, row) = found[0], found[1]
+        problems.append(
+            ManifestProblem(
+                f"duplicate id: also at {first_file} row {first_row}"
+                + (f" and {len(found) - 2} more place(s)" if len(found) > 2 else ""),
+                file=file,
+                row=row,
+                id=item_id,
+                column="id",
             )
+        )
     return repeated.num_rows, problems
