@@ -34,7 +34,8 @@ class Progress:
         self._postfix()
 
     def _postfix(self) -> None:
-        self.bar.set_postfix_str(self.describe(), refresh=False)
+        if not self.bar.disable:  # a line nobody sees is not worth building for every row
+            self.bar.set_postfix_str(self.describe(), refresh=False)
 
     def describe(self) -> str:
         """`done=3 failed=0 pending=5 | replicas 0:busy 1:starting | nodes 1 | compile 12s` (or

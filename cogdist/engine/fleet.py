@@ -1,17 +1,55 @@
-"""What the driver reads off the cluster for the render loop: what a failed call was, in the
-failure policy's terms (a worker's error, a dead worker, a lost or drained node), and what a job
-that cannot place a gang is waiting for."""
+"""What the driver knows of its replicas and reads off the cluster for the render loop: what a
+failed call was, in the failure policy's terms (a worker's error, a dead worker, a lost or
+drained node), and what a job that cannot place a gang is waiting for."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import ray
 
 from cogdist.engine.plan import ReplicaLayout
 from cogdist.errors import ConfigurationError, GangBroken, StorageError
 from cogdist.executor.cluster import Node, alive_nodes, node_gone
+from cogdist.executor.gang import GangState, ReplicaGang
 from cogdist.failures import Failure
 
 _NO_NODE = Node(id="", host="", raylet_port=0, cpus=0.0, gpus=0.0)
+
+
+@dataclass
+class Replica:
+    """One gang and what the loop knows of it."""
+
+    index: int
+    gang: ReplicaGang
+    rebuilds: int = 0
+    setup_pending: set[ray.ObjectRef] = field(default_factory=set)
+    """The setup calls of its members not yet returned: it is ready when none is left."""
+    last_error: str | None = None
+    given_up: bool = False
+    nodes: set[str] = field(default_factory=set)
+    """The Ray nodes its gang was placed on (empty until placed)."""
+    draining: bool = False
+    """Its node is being drained: it gets no new unit, and moves once its units are done."""
+    units: list[int] = field(default_factory=list)
+    """The units it has in flight, oldest (the one being rendered) first."""
+
+    @property
+    def ready(self) -> bool:
+        return self.gang.state == GangState.READY
+
+    @property
+    def placed(self) -> bool:
+        return bool(self.nodes)
+
+
+class Waiting(NamedTuple):
+    """A call in flight: whose it is, and which unit it renders (None: a member's setup)."""
+
+    replica: Replica
+    unit_id: int | None
 
 
 def classify(error: BaseException, setup: bool, used: set[str], known: dict[str, Node]) -> Failure:

@@ -7,12 +7,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import ray
 
-from cogdist.engine.fleet import all_replicas_lost, classify, describe_error, short_nodes, waiting_for
+from cogdist.engine.fleet import (
+    Replica,
+    Waiting,
+    all_replicas_lost,
+    classify,
+    describe_error,
+    short_nodes,
+    waiting_for,
+)
 from cogdist.engine.plan import Plan, ReplicaLayout, pin_attention_backend, replica_layout, worker_settings
 from cogdist.errors import CapacityError, GangError, StorageError
 from cogdist.executor.cluster import Cluster, Node, alive_nodes
@@ -37,38 +43,6 @@ WAITING_NOTICE_SECONDS = (8.0, 60.0)
 """A replica not placed after the first says what it waits for; again after each second."""
 REQUEST_SECONDS = 30.0
 """The autoscaler hears of a changed request at most this often (a withdrawal at once)."""
-
-
-@dataclass
-class Replica:
-    """One gang and what the loop knows of it."""
-
-    index: int
-    gang: ReplicaGang
-    rebuilds: int = 0
-    setup_pending: set[ray.ObjectRef] = field(default_factory=set)
-    """The setup calls of its members not yet returned: it is ready when none is left."""
-    last_error: str | None = None
-    given_up: bool = False
-    nodes: set[str] = field(default_factory=set)
-    """The Ray nodes its gang was placed on (empty until placed)."""
-    draining: bool = False
-    """Its node is being drained: it gets no new unit, and moves once its units are done."""
-
-    @property
-    def ready(self) -> bool:
-        return self.gang.state == GangState.READY
-
-    @property
-    def placed(self) -> bool:
-        return bool(self.nodes)
-
-
-class Waiting(NamedTuple):
-    """A call in flight: whose it is, and which unit it renders (None: a member's setup)."""
-
-    replica: Replica
-    unit_id: int | None
 
 
 class RenderLoop:
@@ -165,9 +139,9 @@ class RenderLoop:
                 ready, _ = ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_SECONDS)
                 if ready:
                     ready, _ = ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
-                for ref in ready:
+                for ref, result in self._fetch(ready):
                     if ref in self.waiting:  # a replica loss may have dropped it meanwhile
-                        self._handle(ref)
+                        self._handle(ref, result)
                 if time.monotonic() - self.last_fleet >= FLEET_SECONDS:
                     self._watch_fleet()
                 self._show_replicas()
@@ -193,7 +167,7 @@ class RenderLoop:
         for replica in self.replicas:
             if not replica.ready or replica.draining:
                 continue
-            held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
+            held = replica.units
             while len(held) < self.options.max_in_flight:
                 if held:
                     expected = [self.scheduler.expected_seconds(u) for u in held]
@@ -205,14 +179,28 @@ class RenderLoop:
                 self.waiting[replica.gang.submit(unit)] = Waiting(replica, unit.unit_id)
                 held.append(unit.unit_id)
 
-    def _handle(self, ref: ray.ObjectRef) -> None:
-        replica, unit_id = self.waiting[ref]
+    @staticmethod
+    def _fetch(refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, object]]:
+        """Each ready call with its result, or the RayError it raised (RayTaskError: the worker
+        raised; else its actor died): one ray.get for them all, one each when any of them failed."""
         try:
-            result = ray.get(ref)
-        except ray.exceptions.RayError as e:  # RayTaskError: the worker raised; else its actor died
+            return list(zip(refs, ray.get(refs)))
+        except ray.exceptions.RayError:
+            pass
+        results: list[tuple[ray.ObjectRef, object]] = []
+        for ref in refs:
+            try:
+                results.append((ref, ray.get(ref)))
+            except ray.exceptions.RayError as e:
+                results.append((ref, e))
+        return results
+
+    def _handle(self, ref: ray.ObjectRef, result) -> None:
+        replica, unit_id = self.waiting[ref]
+        if isinstance(result, ray.exceptions.RayError):
             used = replica.nodes or replica.gang.node_ids()
-            failure = classify(e, unit_id is None, used, self.known_nodes)
-            self._fail(failure, replica, ref, describe_error(e))
+            failure = classify(result, unit_id is None, used, self.known_nodes)
+            self._fail(failure, replica, ref, describe_error(result))
             return
         del self.waiting[ref]
         if unit_id is None:
@@ -228,6 +216,7 @@ class RenderLoop:
                 if self.options.progress and replica.rebuilds:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
             return
+        replica.units.remove(unit_id)
         self.policy.rendered(replica.index)
         self.metrics.steps(result.step_seconds)
         self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
@@ -257,6 +246,7 @@ class RenderLoop:
         if decision.replica == ReplicaAction.KEEP:
             _, unit_id = self.waiting.pop(ref)
             if unit_id is not None:
+                replica.units.remove(unit_id)
                 self._record([], self.scheduler.requeue(unit_id, decision.rows, reason))
             if decision.stop is not None:
                 raise decision.stop
@@ -285,7 +275,7 @@ class RenderLoop:
     def _tear_down(self, replica: Replica) -> list[int]:
         """Kill a replica's gang (its placement group goes too) and drop its calls in flight;
         returns the units it held, oldest (the one being rendered) first."""
-        held = [unit for r, unit in self.waiting.values() if r is replica and unit is not None]
+        held, replica.units = replica.units, []
         for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
             del self.waiting[key]
         replica.gang.kill()
@@ -321,7 +311,7 @@ class RenderLoop:
                 continue
             if not replica.placed and replica.gang.placement_ready():
                 replica.nodes = replica.gang.node_ids()
-            holds = any(r is replica and unit is not None for r, unit in self.waiting.values())
+            holds = bool(replica.units)
             if replica.nodes and not replica.nodes <= alive and not holds:
                 # Its node left while it held nothing: no call will fail to tell us.
                 self._retire(replica, f"its node {short_nodes(replica.nodes - alive)} left the cluster")
@@ -399,15 +389,12 @@ class RenderLoop:
     # -- what the user sees ----------------------------------------------------------------
 
     def _show_replicas(self) -> None:
-        holding = {id(r) for r, unit in self.waiting.values() if unit is not None}
         states = []
         for replica in self.replicas:
             if replica.given_up:
                 states.append("lost")
             elif replica.ready:
-                states.append(
-                    "draining" if replica.draining else "busy" if id(replica) in holding else "idle"
-                )
+                states.append("draining" if replica.draining else "busy" if replica.units else "idle")
             elif not replica.placed and time.monotonic() - replica.gang.started_at > FLEET_SECONDS:
                 states.append("waiting")
             else:

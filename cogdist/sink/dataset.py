@@ -111,7 +111,7 @@ def tar_shard(samples: list[Sample]) -> bytes:
     """A WebDataset shard: per sample `<key>.<ext>` (the output), `<key>.json` (its index row) and
     `<key>.txt` (the prompt), consecutive in the tar, as WebDataset readers group them."""
     buffer = io.BytesIO()
-    mtime = time.time()
+    mtime = int(time.time())  # whole seconds: a float would add a PAX header to every member
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             key = sample.row["sample_key"]
