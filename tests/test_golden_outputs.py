@@ -144,6 +144,8 @@ def machine() -> dict[str, str]:
     )
     return {
         "cpu": cpu,
+        # Two CPUs of one name ("AMD EPYC") may run other kernels (AVX2 or AVX-512): other bytes.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
