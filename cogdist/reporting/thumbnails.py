@@ -8,8 +8,7 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from PIL import Image
 
 from cogdist.errors import StorageError
@@ -39,8 +38,7 @@ def read_thumbnails(location: Location, ids: list[str]) -> list[Thumbnail]:
         return []
     schema = done_schema(location)
     wanted = ["id", "prompt", "path", "fps", "format", "sample_key"]
-    table = read_done(location, [c for c in wanted if c in schema.names])
-    table = table.filter(pc.is_in(table["id"].cast(pa.string()), value_set=pa.array(ids, pa.string())))
+    table = read_done(location, [c for c in wanted if c in schema.names], filter=ds.field("id").isin(ids))
     rows = sorted(table.to_pylist(), key=lambda row: row["id"])
     shards: dict[str, bytes] = {}  # --dataset: several samples may share a shard
     return [_thumbnail(location, row, shards) for row in rows]

@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
-from cogdist.sink.ledger import INDEX, PartWriter, ids_of, read_ids, read_parts, read_schema
+from cogdist.sink.ledger import INDEX, PartWriter, ids_of, read_ids, read_schema, read_table
 from cogdist.storage import Location
 
 JOURNAL = "_cogdist/journal"
@@ -50,7 +51,7 @@ class IndexWriter:
         self.held: list[tuple[str, pa.Table]] = []
         """The journal parts written and not folded yet: (name, rows)."""
         self.max_gap = max(index_interval, commit_interval)
-        self.gap = min(commit_interval, self.max_gap)
+        self.gap = commit_interval
         self.last_fold = clock()
         self.folds = 0
 
@@ -109,7 +110,7 @@ def recover(location: Location, index_ids: pa.Array) -> pa.Array:
     """Fold what a killed driver left in the journal into index/ (the rows whose ids `index_ids`,
     the index's, lacks) and delete the journal's parts; the ids added to the index."""
     parts = location.list_files(JOURNAL, ".parquet")
-    table = read_parts(location, JOURNAL)
+    table = read_table(location, JOURNAL)
     added = pa.array([], pa.string())
     if table is not None:
         rows = _outside(table, index_ids)
@@ -124,19 +125,21 @@ def recover(location: Location, index_ids: pa.Array) -> pa.Array:
 def done_ids(location: Location) -> pa.Array:
     """Every finished id, once: index/'s and the journal's (read first, so that rows folded in
     between are found in the index)."""
-    journal = read_parts(location, JOURNAL, ["id"])
+    journal = read_table(location, JOURNAL, ["id"])
     indexed = read_ids(location, INDEX)
     if journal is None:
         return indexed
     return pa.concat_arrays([indexed, _outside(journal, indexed)["id"].cast(pa.string()).combine_chunks()])
 
 
-def read_done(location: Location, columns: list[str] | None = None) -> pa.Table | None:
-    """`columns` of every finished row, once (index/'s and the journal's, read first); None when
-    no row is done."""
+def read_done(
+    location: Location, columns: list[str] | None = None, filter: ds.Expression | None = None
+) -> pa.Table | None:
+    """`columns` of every finished row matching `filter`, once (index/'s and the journal's, read
+    first); None when no row is done."""
     wanted = None if columns is None else list(dict.fromkeys(["id", *columns]))
-    journal = read_parts(location, JOURNAL, wanted)
-    table = read_parts(location, INDEX, wanted)
+    journal = read_table(location, JOURNAL, wanted, filter)
+    table = read_table(location, INDEX, wanted, filter)
     if journal is not None:
         indexed = ids_of(table) if table is not None else pa.array([], pa.string())
         journal = _outside(journal, indexed)

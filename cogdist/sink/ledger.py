@@ -168,12 +168,18 @@ class PartWriter:
 
 def read_ids(location: Location, folder: str) -> pa.Array:
     """The `id` column of every part under `folder` (empty when there is none)."""
-    table = read_parts(location, folder, ["id"])
+    table = read_table(location, folder, ["id"])
     return ids_of(table) if table is not None else pa.array([], pa.string())
 
 
-def read_parts(location: Location, folder: str, columns: list[str] | None = None) -> pa.Table | None:
-    """`columns` of every part under `folder` as one table (None when there is no part).
+def read_table(
+    location: Location,
+    folder: str,
+    columns: list[str] | None = None,
+    filter: ds.Expression | None = None,
+) -> pa.Table | None:
+    """`columns` of the rows matching `filter` in every part under `folder`, as one table (None
+    when there is no part).
 
     A part that cannot be read (only a write that failed half-way and was never acknowledged
     can leave one) is moved to _cogdist/quarantine, so the folder stays readable; its rows were
@@ -184,13 +190,13 @@ def read_parts(location: Location, folder: str, columns: list[str] | None = None
         return None
     try:
         dataset = ds.dataset([p.path for p in parts], filesystem=location.fs, format="parquet")
-        return dataset.to_table(columns=columns)
+        return dataset.to_table(columns=columns, filter=filter)
     except (pa.ArrowInvalid, OSError):
         pass
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part.path, columns=columns, filesystem=location.fs))
+            tables.append(pq.read_table(part.path, columns=columns, filters=filter, filesystem=location.fs))
         except FileNotFoundError:
             continue  # deleted since the listing (a journal part, folded meanwhile)
         except (pa.ArrowInvalid, OSError) as e:
@@ -205,16 +211,6 @@ def ids_of(table: pa.Table) -> pa.Array:
     """The `id` column of `table` as one string array."""
     column = table.column("id").cast(pa.string())
     return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
-
-
-def read_table(
-    location: Location,
-    folder: str,
-    columns: list[str] | None = None,
-    filter: ds.Expression | None = None,
-) -> pa.Table | None:
-    dataset = _dataset(location, folder)
-    return None if dataset is None else dataset.to_table(columns=columns, filter=filter)
 
 
 def read_schema(location: Location, folder: str) -> pa.Schema | None:
