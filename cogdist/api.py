@@ -56,6 +56,28 @@ def models() -> list[ModelSpec]:
     return list(PRESETS.values())
 
 
+def save_model(preset: str, folder: str) -> str:
+    """Write the tiny preset `preset` as a diffusers folder (`save_pretrained`, safetensors) and
+    return its path: it loads with `--model FOLDER` and with stock diffusers' `from_pretrained`."""
+    import os
+
+    import torch
+
+    from cogdist.models.registry import family
+
+    spec = PRESETS.get(preset)
+    if spec is None or not spec.tiny:
+        tiny = ", ".join(name for name, s in PRESETS.items() if s.tiny)
+        why = f"{preset} is a Hub checkpoint (already a folder there)" if spec else f"no preset {preset!r}"
+        raise UsageError(f"cogdist models --save: {why}; the presets built in memory are {tiny}")
+    folder = os.path.abspath(folder)
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise UsageError(f"cogdist models --save: {folder} is not empty")
+    pipe = family(spec.family).load_runner().load(spec, torch.float32)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """Where the job in an OUT stands (see `status`)."""

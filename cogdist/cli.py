@@ -17,7 +17,7 @@ EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorde
 or the run stopped; 2 refused before rendering (bad manifest, options or conflicting resume);
 130 interrupted."""
 # `validate` takes the options that change what a row is and how the model loads.
-_VALIDATE_GROUPS = (ROW_DEFAULTS, "trust")
+_VALIDATE_GROUPS = (ROW_DEFAULTS, "trust", "manifest", "adapters")
 
 
 _TYPES = {"int": int, "float": float}
@@ -37,7 +37,12 @@ def add_options(parser: argparse.ArgumentParser, groups: tuple[str | None, ...] 
         flag = flag_of(name, how)
         kind = annotation.split(" | ")[0]
         kwargs: dict = {"help": how.help}
-        if kind == "bool":
+        if kind.startswith("tuple["):  # repeatable: --lora A --lora B
+            kwargs["action"] = "append"
+            if how.metavar is not None:
+                kwargs["metavar"] = how.metavar
+            default = None  # argparse appends to a copy of its default, which a tuple cannot take (None: ())
+        elif kind == "bool":
             if annotation == "bool | None":
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -115,8 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=24, help="outputs shown on the contact sheet (default 24)"
     )
 
-    models = commands.add_parser("models", help="list the model presets")
+    models = commands.add_parser("models", help="list the model presets, or save a tiny one as a folder")
     models.add_argument("--json", action="store_true", help="print JSON")
+    models.add_argument(
+        "--save",
+        nargs=2,
+        metavar=("PRESET", "DIR"),
+        help="write a tiny preset's pipeline to DIR with save_pretrained (a diffusers folder: "
+        "--model DIR, stock diffusers, LoRA training)",
+    )
     return parser
 
 
@@ -178,8 +190,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from cogdist.api import models
+    from cogdist.api import models, save_model
     from cogdist.worker.offload import weight_memory
+
+    if args.save:
+        preset, folder = args.save
+        print(f"saved {preset} to {save_model(preset, folder)}")
+        return EXIT_OK
 
     specs = models()
     if args.json:
