@@ -22,6 +22,8 @@ GROUPS = {
     "memory": "memory (default: the model's; see `cogdist models`)",
     "defaults": "defaults for rows that leave a column empty",
     "trust": "checkpoints you trust (off: safetensors only, no code from the checkpoint)",
+    "manifest": "how the manifest's columns are read",
+    "adapters": "LoRA adapters (README: LoRA)",
 }
 ROW_DEFAULTS = "defaults"
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from cogdist.errors import UsageError
+from cogdist.manifest.columns import column_map_record
 from cogdist.models.layout import check_layout
 from cogdist.option import GROUPS, OUTPUT, RECORDED, ROW_DEFAULTS, UNRECORDED, Option, null_at, option
 
@@ -42,6 +43,7 @@ from cogdist.worker.attention import AUTO, BACKENDS, NATIVE, check_attention_bac
 from cogdist.worker.cache import CACHE_KINDS, FIRST_BLOCK, FIRST_BLOCK_THRESHOLD, NO_CACHE, check_step_cache
 from cogdist.worker.checkpoint import CHECKPOINT_SECONDS, check_step_checkpoint
 from cogdist.worker.compile import check_compile
+from cogdist.worker.lora import check_lora, lora_record
 from cogdist.worker.offload import CPU_OFFLOAD_ALIASES, NONE, OFFLOAD_MODES, check_offload
 from cogdist.worker.quantize import NONE as QUANTIZE_NONE
 from cogdist.worker.quantize import QUANTIZE_MODES, check_quantize
@@ -85,7 +87,6 @@ class RenderOptions:
         kind=OUTPUT,
         record=lambda value, spec: spec.name,
     )
-    """Preset name, Hugging Face repo id, or folder holding model_index.json."""
     out: str = option("output folder or s3:// / gs:// prefix")
     replicas: int | None = option(
         "a fixed number of gangs (default: on a joined cluster, as many as it can place, growing as "
@@ -93,7 +94,6 @@ class RenderOptions:
         None,
         kind=RECORDED,
     )
-    """A fixed number of gangs; see `cogdist.engine.plan.replica_layout` for the default."""
     max_replicas: int | None = option(
         "at most this many gangs as the cluster grows, and asked of its autoscaler",
         None,
@@ -134,7 +134,6 @@ class RenderOptions:
         kind=RECORDED,
         worker=True,
     )
-    """Run the conditional and unconditional passes on two halves of the gang (2 x sp GPUs)."""
     batch_size: int = option("rows of one shape per pipeline call (default %(default)s)", 1, kind=RECORDED)
     max_in_flight: int = option("units queued per replica (default %(default)s)", 2, kind=RECORDED)
     max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
@@ -153,7 +152,6 @@ class RenderOptions:
         choices=(*IMAGE_FORMATS, *VIDEO_FORMATS),
         worker_default="png",
     )
-    """Output format: png, jpeg or webp for images (default png); mp4 for videos."""
     quality: int | None = option(
         "1..100: JPEG/WebP quality (default 95); MP4 quality (default 65 = CRF 18)",
         None,
@@ -163,7 +161,6 @@ class RenderOptions:
     )
     """JPEG/WebP quality, or MP4 quality (1..100, mapped to H.264 CRF; default 65 = CRF 18)."""
     save_frames: bool = option("video models: also write every frame as a PNG", False, kind=OUTPUT)
-    """Video models: also write every frame as a PNG (`<output>.frames/000000.png`, ...)."""
     dataset: str = option(
         "files: one file per row under outputs/ (default); webdataset: tar shards under shards/; "
         "parquet: Hugging Face datasets Parquet with the media embedded, under data/",
@@ -172,8 +169,6 @@ class RenderOptions:
         choices=tuple(SINKS),
         record=null_at(FILES),
     )
-    """How outputs are stored: "files" (one file per row under outputs/), "webdataset" (tar shards
-    under shards/) or "parquet" (Hugging Face datasets Parquet with the media embedded, under data/)."""
     shard_size: int = option(
         "samples per shard with --dataset webdataset/parquet (default %(default)s)",
         DEFAULT_SHARD_SIZE,
@@ -185,8 +180,6 @@ class RenderOptions:
     vae_tiling: bool | None = option(
         "decode in overlapping tiles", None, kind=OUTPUT, worker=True, group="memory", spec_field="vae_tiling"
     )
-    """Decode latents in overlapping tiles (less memory; tiles blend, which changes pixels slightly).
-    None: the model's default."""
     vae_slicing: bool | None = option(
         "decode a batch one sample at a time",
         None,
@@ -195,7 +188,6 @@ class RenderOptions:
         group="memory",
         spec_field="vae_slicing",
     )
-    """Decode a batch one sample at a time. None: the model's default."""
     offload: str | None = option(
         "GPU: how much of the pipeline stays on the GPU: none (all), model (the running component), "
         "group (a few layers, copied ahead on a CUDA stream), sequential (one layer at a time)",
@@ -211,7 +203,6 @@ class RenderOptions:
     dtype: str = option(
         "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16", "auto", kind=OUTPUT, worker=True
     )
-    """Weights dtype: auto (the preset's: bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
     cache: str = option(
         "step cache on the transformer: reuse work between denoising steps (faster, pixels differ "
         "slightly; default none). CogView4: first-block, taylorseer; CogVideoX: also pab",
@@ -221,8 +212,6 @@ class RenderOptions:
         choices=CACHE_KINDS,
         record=null_at(NO_CACHE),
     )
-    """Step cache on the transformer: none, first-block, taylorseer or pab (see cogdist.worker.cache).
-    Fewer transformer computations; outputs differ slightly from uncached ones."""
     cache_threshold: float | None = option(
         f"--cache first-block: skip the other blocks while the first block's output changed by "
         f"less than T (relative; default {FIRST_BLOCK_THRESHOLD}); higher skips more",
@@ -244,7 +233,6 @@ class RenderOptions:
         metavar="NAME",
         record=null_at(NATIVE),
     )
-    """diffusers' attention backend of the transformer; native: unchanged (cogdist.parallel.attention)."""
     quantize: str = option(
         "quantize the transformer's weights: int8 (torchao, weight-only), int8-dynamic (int8 activations "
         "too), fp8 (GPUs of compute capability >= 8.9), bnb-8bit (bitsandbytes); pixels change (default none)",
@@ -261,7 +249,6 @@ class RenderOptions:
     )
     address: str | None = option("Ray cluster address (default: $RAY_ADDRESS, else a local instance)", None)
     cpus_per_worker: float | None = option("logical CPUs reserved per worker", None, kind=RECORDED)
-    """Logical CPUs reserved per worker. Default: 1 with GPUs; a share of the node without."""
     overwrite: bool = option("start over: remove what an earlier job wrote to OUT", False)
     retry_failed: bool = option("render rows recorded under failures/ again", False)
     storage_timeout: float = option(
@@ -301,20 +288,16 @@ class RenderOptions:
     width: int | None = option(
         "default width (model's default otherwise)", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="width"
     )
-    """Default width for rows that name none (the model's default otherwise)."""
     height: int | None = option("default height", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="height")
     steps: int | None = option(
         "default num_inference_steps", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="num_inference_steps"
     )
-    """Default num_inference_steps for rows that name none."""
     guidance: float | None = option(
         "default guidance_scale", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="guidance_scale"
     )
-    """Default guidance_scale for rows that name none."""
     frames: int | None = option(
         "default num_frames (video models)", None, kind=OUTPUT, group=ROW_DEFAULTS, spec_field="num_frames"
     )
-    """Default num_frames for rows of a video model that name none."""
     fps: float | None = option(
         "default frames per second of the MP4s (video models)",
         None,
@@ -322,7 +305,6 @@ class RenderOptions:
         group=ROW_DEFAULTS,
         spec_field="fps",
     )
-    """Default frames per second of the MP4s for rows that name none (the model's otherwise)."""
     allow_pickle: bool = option(
         "load .bin/.pt pickle weights (can run code when loaded; only for checkpoints you trust)",
         False,
@@ -330,16 +312,46 @@ class RenderOptions:
         flag="--allow-pickle-weights",
         group="trust",
     )
-    """Load .bin/.pt pickle weights of a checkpoint that has no safetensors. Unpickling can run
-    code: only for checkpoints you trust."""
     trust_remote_code: bool = option(
         "let diffusers import Python code that ships with the checkpoint (only for code you trust)",
         False,
         kind=RECORDED,
         group="trust",
     )
-    """Let diffusers import Python code that ships with the checkpoint (custom components). Only
-    for checkpoints whose code you have read and trust."""
+    column_map: str | None = option(
+        "read manifest columns under cogdist's names, e.g. id=key,prompt=caption,image=url (the index "
+        "keeps the manifest's names too)",
+        None,
+        kind=OUTPUT,
+        group="manifest",
+        metavar="NAME=COLUMN,...",
+        record=lambda value, spec: column_map_record(value),
+    )
+    lora: tuple[str, ...] = option(
+        "a LoRA adapter: SOURCE[,scale=S][,name=N][,weight_name=F], SOURCE a local folder or file "
+        "(on every node), s3:// / gs:// URI or Hub repo id; repeatable",
+        (),
+        kind=OUTPUT,
+        worker=True,
+        group="adapters",
+        metavar="SOURCE[,KEY=VALUE...]",
+        record=lambda value, spec: lora_record(value),
+    )
+    fuse_lora: bool | None = option(
+        "fuse the adapters into the weights (default: fused, unless the manifest has a lora column; "
+        "fused and unfused round differently)",
+        None,
+        kind=OUTPUT,
+        worker=True,
+        group="adapters",
+    )
+
+    def __post_init__(self) -> None:
+        # The API takes one adapter as a string, or a list of them; the CLI gives None for none.
+        if isinstance(self.lora, str):
+            object.__setattr__(self, "lora", (self.lora,))
+        elif not isinstance(self.lora, tuple):
+            object.__setattr__(self, "lora", tuple(self.lora or ()))
 
     @property
     def gang_size(self) -> int:
@@ -383,6 +395,7 @@ class RenderOptions:
         check_compile(self.compile, self.cache)
         check_offload(self.offload, self.gang_size, self.compile)
         check_quantize(self.quantize, self.quantize_text_encoder, self.offload)
+        check_lora(spec, self.lora, self.fuse_lora, self.quantize)
         check_dataset(self.dataset, self.shard_size, self.save_frames)
         seconds = {
             "--capacity-timeout": self.capacity_timeout,

@@ -46,6 +46,8 @@ class WorkItem:
     """Frames per second of a video output."""
     frames_dir: str | None = None
     """When set, the worker also writes every frame as a PNG under this folder (relative to OUT)."""
+    adapters: tuple[tuple[str, float, str], ...] = ()
+    """The LoRA adapters it renders with: (name, scale, sha256) of each (--lora, the `lora` column)."""
 
     @property
     def shape(self) -> tuple:
@@ -58,6 +60,7 @@ class WorkItem:
             self.num_inference_steps,
             self.guidance_scale,
             self.strength,
+            self.adapters,  # workers switch adapters between units, not within one
         )
 
 

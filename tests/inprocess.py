@@ -23,6 +23,7 @@ from cogdist.options import RenderOptions
 from cogdist.scheduler.pending import pending_rows, scan_pending
 from cogdist.sink.encode import extension
 from cogdist.work import WorkUnit
+from cogdist.worker.lora import adapter_uses
 from cogdist.worker.worker import RenderWorker
 from tests.conftest import probe_mp4, write_manifest
 
@@ -48,7 +49,11 @@ def in_process_worker(rows: list[dict], model: str, out: Path, threads: int | No
     manifest = write_manifest(out.with_name(out.name + "-manifest.parquet"), rows)
     job = plan(RenderOptions(str(manifest), model, str(out), **options))  # type: ignore[arg-type]
     empty = pa.array([], pa.string())
-    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
+    defaults = RowDefaults(
+        extension=extension(job.options.format),
+        save_frames=job.options.save_frames,
+        adapters=adapter_uses(job.options.lora),
+    )
     pending = pending_rows(job.source, scan_pending(job.source, empty, empty), job.spec, defaults)
     worker = RenderWorker(job.spec, job.out.worker_uri, worker_settings(job.options, threads))
     return worker, job, list(pending)

@@ -28,6 +28,7 @@ from cogdist.sink.encode import extension
 from cogdist.sink.job import check_resume, clear_outputs, write_job_record
 from cogdist.sink.journal import JOURNAL, recover
 from cogdist.sink.ledger import FAILURES, INDEX, read_ids
+from cogdist.worker.lora import adapter_uses
 from cogdist.worker.worker import RenderWorker
 
 __all__ = [
@@ -140,7 +141,11 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     if counts.pending == 0:
         return summary()
 
-    defaults = RowDefaults(extension=extension(job.options.format), save_frames=job.options.save_frames)
+    defaults = RowDefaults(
+        extension=extension(job.options.format),
+        save_frames=job.options.save_frames,
+        adapters=adapter_uses(job.options.lora),
+    )
     rows = pending_rows(job.source, counts, job.spec, defaults)
     policy = FailurePolicy(max_retries=options.max_retries, max_gang_restarts=options.max_gang_restarts)
     scheduler = Scheduler(rows, batch_size=options.batch_size, policy=policy)

@@ -17,6 +17,7 @@ from cogdist.sink import SINKS
 from cogdist.sink.job import JobSettings, recorded_setting, update_job_setting
 from cogdist.storage import Location, open_location
 from cogdist.worker.attention import AUTO, NATIVE
+from cogdist.worker.lora import adapter_names, resolve_lora
 from cogdist.worker.settings import WorkerSettings
 
 
@@ -42,7 +43,18 @@ def plan(options: RenderOptions) -> Plan:
     options.check(spec)
     options = options.resolved(spec)
     source = ManifestSource(options.manifest)
-    validate_manifest(source, spec)
+    # The adapters are read and checked against the model before the rows that name them.
+    lora, fuse = resolve_lora(
+        spec,
+        options.lora,
+        options.fuse_lora,
+        per_row="lora" in source.schema.names,
+        quantize=options.quantize,
+        allow_pickle=options.allow_pickle,
+        storage_timeout=options.storage_timeout,
+    )
+    options = replace(options, lora=lora, fuse_lora=fuse)
+    validate_manifest(source, spec, adapters=adapter_names(lora))
     out = open_location(options.out, options.storage_timeout)
     if options.attention_backend == AUTO:
         # A job resumed renders with the backend its first worker chose (None: native).

@@ -21,6 +21,9 @@ class RowDefaults:
     """Output file extension (png, jpg, webp, mp4)."""
     save_frames: bool = False
     """Video rows also get a folder of PNG frames."""
+    adapters: tuple[tuple[str, float, str], ...] = ()
+    """The job's LoRA adapters, (name, scale, sha256) each: every row's, or (a manifest with a
+    `lora` column) those its rows name."""
 
 
 def _given(row: dict, name: str, default):
@@ -38,6 +41,8 @@ def work_items(
 ) -> Iterator[tuple[WorkItem, dict]]:
     """(item, manifest row) for every row of `batch`; the row is kept for the index."""
     video_model = spec.kind == "video"
+    per_row = "lora" in batch.schema.names
+    adapters = {use[0]: (use,) for use in defaults.adapters}
     for row in batch.to_pylist():
         item_id = row["id"]
         image, video = _present(row, "image"), _present(row, "video")
@@ -62,6 +67,7 @@ def work_items(
                 strength=float(_given(row, "strength", DEFAULT_STRENGTH)) if task == VIDEO_TO_VIDEO else None,
                 fps=float(_given(row, "fps", spec.fps)) if video_model else None,
                 frames_dir=frames_folder(item_id) if video_model and defaults.save_frames else None,
+                adapters=adapters.get(row["lora"] or "", ()) if per_row else defaults.adapters,
             ),
             row,
         )

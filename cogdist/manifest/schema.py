@@ -26,6 +26,7 @@ COLUMNS: dict[str, str] = {
     "video": STRING,
     "strength": NUMBER,
     "fps": NUMBER,
+    "lora": STRING,  # one of the job's --lora adapters by name; empty: the base model
 }
 REQUIRED = ("id", "prompt")
 CONDITIONING = ("image", "video", "strength")

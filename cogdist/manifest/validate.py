@@ -36,8 +36,11 @@ class ValidationReport:
     files: int
 
 
-def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationReport:
-    """Raise ManifestError naming the bad rows (the first MAX_REPORTED) or return a report."""
+def validate_manifest(
+    source: ManifestSource, spec: ModelSpec, adapters: tuple[str, ...] = ()
+) -> ValidationReport:
+    """Raise ManifestError naming the bad rows (the first MAX_REPORTED) or return a report;
+    `adapters`: the names of the job's LoRA adapters, which a `lora` column may name."""
     problems = check_schema(source.schema)
     if problems:
         raise ManifestError(problems)
@@ -49,7 +52,7 @@ def validate_manifest(source: ManifestSource, spec: ModelSpec) -> ValidationRepo
     # Every column is read, not only cogdist's: a string that is not valid UTF-8 (writers other
     # than Arrow's do not all check) in any column would otherwise fail the render, not the check.
     for part in source.batches():
-        check = _check_batch(part, spec, MAX_REPORTED - len(found))
+        check = _check_batch(part, spec, MAX_REPORTED - len(found), adapters)
         total += check.count
         found.extend(check.problems)
         ids.append(pc.cast(check.ids_for_duplicates, pa.string()))
@@ -175,7 +178,9 @@ def _as_py(values: pa.Array, index: int) -> object:
         return "<not valid UTF-8>"
 
 
-def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> _BatchChecker:
+def _check_batch(
+    part: ManifestBatch, spec: ModelSpec, limit: int, adapters: tuple[str, ...] = ()
+) -> _BatchChecker:
     check = _BatchChecker(part, limit)
     n = part.batch.num_rows
     ids = check.ids
@@ -243,6 +248,13 @@ def _check_batch(part: ManifestBatch, spec: ModelSpec, limit: int) -> _BatchChec
     if spec.conditioning:
         _check_tasks(check, spec, has_image, has_video)
         _check_input_uris(check, spec)
+
+    lora = check.column("lora")
+    if lora is not None:
+        named = pc.greater(pc.utf8_length(pc.fill_null(lora, "")), 0)
+        unknown = pc.invert(pc.is_in(lora, value_set=pa.array(adapters, pa.string())))
+        given = ", ".join(adapters) or "none"
+        check.flag(pc.and_(named, unknown), "lora", f"names no adapter of this job (--lora names: {given})")
 
     fps = check.column("fps")
     if fps is not None:

@@ -395,6 +395,8 @@ class FamilySpec:
     """Why each other cache kind does not (the error message's reason)."""
     step_checkpoints: bool = False
     """Long denoising loops: its runner saves and resumes their state when given checkpoints."""
+    no_lora: str | None = None
+    """Why its pipelines take no LoRA adapters (--lora); None: diffusers' LoRA loaders load them."""
     token_pixels: int = TOKEN_PIXELS
     """Pixels per image-token side, which bounds the sequence-parallel degree of small outputs."""
 

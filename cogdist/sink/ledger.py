@@ -62,6 +62,14 @@ def _duration(o: Outcome) -> float | None:
     return frames / o.item.fps if frames and o.item.fps else None
 
 
+ADAPTERS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())]))
+
+
+def _adapters(o: Outcome) -> list[dict] | None:
+    """The LoRA adapters a row was rendered with (null: the base model)."""
+    return [{"name": n, "scale": s, "sha256": h} for n, s, h in o.item.adapters] or None
+
+
 # The columns of every index row, after the manifest's own, declared once: the index schema, the
 # rows the sinks write and the manifest's reserved names derive from them. Manifest columns of
 # the same name (seed, width, ...) are replaced by the effective values.
@@ -89,6 +97,7 @@ RESULT_COLUMNS = (
     Column(pa.field("node", pa.string()), lambda o: o.result.node),
     Column(pa.field("finished_at", pa.timestamp("ms", tz="UTC")), lambda o: now_utc()),
     Column(pa.field("attempts", pa.int64()), lambda o: o.attempts),
+    Column(pa.field("adapters", ADAPTERS_TYPE), _adapters),
 )
 RESULT_FIELDS = [column.field for column in RESULT_COLUMNS]
 

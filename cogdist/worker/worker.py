@@ -128,6 +128,14 @@ class RenderWorker:
         self.family = family(self.spec.family)
         self.runner = self.family.load_runner()
         pipe = self.runner.load(self.spec, getattr(torch, name))
+        # Before quantizing: fused adapters are merged into full-precision weights.
+        self.adapters = None
+        if self.settings.lora:
+            from cogdist.worker.lora import LoadedAdapters
+
+            self.adapters = LoadedAdapters(
+                pipe, self.settings.lora, self.settings.fuse_lora, self.settings.storage_timeout
+            )
         drop_first_rank_models(pipe, self.gang, self.family.first_rank_models)
         if (self.settings.quantize, self.settings.quantize_text_encoder) != (QUANTIZE_NONE, QUANTIZE_NONE):
             quantize_pipeline(pipe, self.device, self.settings.quantize, self.settings.quantize_text_encoder)
@@ -207,6 +215,8 @@ class RenderWorker:
         step_seconds: list[float] = []
         compile_seconds = 0.0
         if ready:
+            if self.adapters is not None:
+                self.adapters.activate(ready[0].adapters)  # a unit's rows share their adapters
             if self.compile_clock is not None:
                 self.compile_clock.before_unit((ready[0].shape, len(ready)))
                 compiled_before = self.compile_clock.seconds

@@ -121,6 +121,7 @@ SPEC = FamilySpec(
         )
     },
     vae_tiles={"AutoencoderKL": "2d"},
+    no_lora="diffusers' GlmImagePipeline has no LoRA loader (load_lora_weights)",
     # The AR model: the pipeline embeds the empty negative glyphs itself on every rank.
     first_rank_models=("vision_language_encoder",),
     # None: first-block and taylorseer need a `cache_context` ("No cache context is set"), and
