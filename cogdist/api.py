@@ -102,7 +102,8 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
     location = open_location(out)
     if not location.exists(JOB_RECORD):
         raise UsageError(f"{location.public_uri} holds no cogdist job (no {JOB_RECORD})")
-    model = json.loads(location.read_bytes(JOB_RECORD))["settings"]["model"]
+    settings = json.loads(location.read_bytes(JOB_RECORD))["settings"]
+    model = settings["model"]
     done = done_ids(location)
     table = read_table(location, FAILURES)
     failures: list[tuple[str, str, int]] = []
@@ -117,7 +118,9 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
     pending = None
     if manifest is not None:
         failed_ids = table["id"].combine_chunks() if table is not None else pa.array([], pa.string())
-        pending = scan_pending(ManifestSource(manifest), done, failed_ids).pending
+        # The manifest is read as the job reads it: through its --column-map.
+        source = ManifestSource(manifest, column_map=settings.get("column_map"))
+        pending = scan_pending(source, done, failed_ids).pending
     return JobStatus(location.public_uri, model, len(done), failed, pending, failures)
 
 

@@ -11,7 +11,8 @@ from dataclasses import MISSING, asdict
 
 from cogdist._version import __version__
 from cogdist.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PENDING, EXIT_ROWS_FAILED, CogdistError
-from cogdist.options import GROUPS, ROW_DEFAULTS, declared, flag_of
+from cogdist.option import GROUPS, ROW_DEFAULTS
+from cogdist.options import declared, flag_of
 
 EPILOG = """exit codes: 0 every row is in the index; 1 some rows failed (recorded under OUT/failures)
 or the run stopped; 2 refused before rendering (bad manifest, options or conflicting resume);

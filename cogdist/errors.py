@@ -69,6 +69,8 @@ class ManifestProblem:
     id: str | None = None
     column: str | None = None
     value: object = None
+    source: str | None = None
+    """The manifest's own name of `column`, where cogdist reads it under another (--column-map)."""
 
     def __str__(self) -> str:
         where = []
@@ -78,7 +80,9 @@ class ManifestProblem:
             where.append(f"row {self.row}")
         if self.id is not None:
             where.append(f"id {self.id!r}")
-        if self.column is not None:
+        if self.column is not None and self.source is not None:
+            where.append(f"column {self.source!r} (as {self.column})")
+        elif self.column is not None:
             where.append(f"column {self.column!r}")
         head = ", ".join(where)
         value = "" if self.value is None else f" = {_short(self.value)}"

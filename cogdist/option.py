@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from cogdist.errors import UsageError
 from cogdist.models.spec import ModelSpec
 
 # What an option does to a job (Option.kind).
@@ -66,3 +67,13 @@ def null_at(default: Any) -> Callable[[Any, ModelSpec], Any]:
     """An Option.record that keeps null at the option's default, so that a job record written
     before the option existed still resumes."""
     return lambda value, spec: None if value == default else value
+
+
+def check_limits(at_least_one: dict[str, int], seconds: dict[str, float]) -> None:
+    """Refuse a count below 1 or a duration that is not > 0 (flag -> value of each)."""
+    for flag, value in at_least_one.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    for flag, value in seconds.items():  # an infinite interval would never commit
+        if not value > 0 or (flag.endswith("-interval") and value == float("inf")):
+            raise UsageError(f"{flag} must be > 0 seconds, got {value}")

@@ -15,24 +15,8 @@ from typing import Any
 from cogdist.errors import UsageError
 from cogdist.manifest.columns import column_map_record
 from cogdist.models.layout import check_layout
-from cogdist.option import GROUPS, OUTPUT, RECORDED, ROW_DEFAULTS, UNRECORDED, Option, null_at, option
-
-__all__ = [
-    "DEVICES",
-    "DTYPES",
-    "GROUPS",
-    "OUTPUT",
-    "RECORDED",
-    "ROW_DEFAULTS",
-    "UNRECORDED",
-    "Option",
-    "RenderOptions",
-    "declared",
-    "flag_of",
-    "job_flags",
-    "option",
-]
 from cogdist.models.registry import ModelSpec
+from cogdist.option import OUTPUT, RECORDED, ROW_DEFAULTS, Option, check_limits, null_at, option
 from cogdist.sink import SINKS, check_dataset
 from cogdist.sink.dataset import DEFAULT_SHARD_SIZE, FILES
 from cogdist.sink.encode import DEFAULT_QUALITY, IMAGE_FORMATS, VIDEO_FORMATS, check_output_format
@@ -348,10 +332,8 @@ class RenderOptions:
 
     def __post_init__(self) -> None:
         # The API takes one adapter as a string, or a list of them; the CLI gives None for none.
-        if isinstance(self.lora, str):
-            object.__setattr__(self, "lora", (self.lora,))
-        elif not isinstance(self.lora, tuple):
-            object.__setattr__(self, "lora", tuple(self.lora or ()))
+        lora = (self.lora,) if isinstance(self.lora, str) else tuple(self.lora or ())
+        object.__setattr__(self, "lora", lora)
 
     @property
     def gang_size(self) -> int:
@@ -369,9 +351,6 @@ class RenderOptions:
             "--max-gang-restarts": self.max_gang_restarts + 1,
             "--max-replicas": self.max_replicas if self.max_replicas is not None else 1,
         }
-        for flag, value in positive.items():
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
         check_layout(spec, self.sp, self.cfg_parallel)
         if self.device not in DEVICES:
             raise UsageError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
@@ -382,14 +361,8 @@ class RenderOptions:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.guidance is not None and not abs(self.guidance) < float("inf"):
             raise UsageError(f"--guidance must be a finite number, got {self.guidance}")
-        check_step_cache(
-            spec.family,
-            spec.name,
-            self.cache,
-            self.cache_threshold,
-            gang_size=self.gang_size,
-            batch_size=self.batch_size,
-        )
+        cache = (self.cache, self.cache_threshold)
+        check_step_cache(spec.family, spec.name, *cache, gang_size=self.gang_size, batch_size=self.batch_size)
         check_step_checkpoint(spec, self.step_checkpoint, cached=self.cache != NO_CACHE)
         check_attention_backend(self.attention_backend, self.sp)
         check_compile(self.compile, self.cache)
@@ -404,9 +377,7 @@ class RenderOptions:
             "--commit-interval": self.commit_interval,
             "--index-interval": self.index_interval,
         }
-        for flag, value in seconds.items():  # an infinite interval would never commit
-            if not value > 0 or (flag.endswith("-interval") and value == float("inf")):
-                raise UsageError(f"{flag} must be > 0 seconds, got {value}")
+        check_limits(positive, seconds)
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise UsageError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         spec.check_row_defaults(self.frames, self.fps, self.save_frames)

@@ -10,6 +10,7 @@ from cogdist.errors import UsageError
 from cogdist.executor.cluster import Cluster, Node, gangs_fitting
 from cogdist.executor.gang import GangSpec
 from cogdist.manifest import ManifestSource, validate_manifest
+from cogdist.manifest.columns import parse_column_map
 from cogdist.models.layout import check_layout
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
@@ -42,7 +43,7 @@ def plan(options: RenderOptions) -> Plan:
     )
     options.check(spec)
     options = options.resolved(spec)
-    source = ManifestSource(options.manifest)
+    source = ManifestSource(options.manifest, column_map=parse_column_map(options.column_map))
     # The adapters are read and checked against the model before the rows that name them.
     lora, fuse = resolve_lora(
         spec,

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cogdist.errors import ManifestError, ManifestProblem
+from cogdist.manifest.columns import ColumnView, column_view
 from cogdist.storage import Location, open_location
 
 _GLOB_CHARS = "*?["
@@ -38,12 +39,21 @@ class ManifestBatch:
     file: ManifestFile
     first_row: int  # row number of the batch's first row within its file
     batch: pa.RecordBatch
+    """Its columns as cogdist reads them (see cogdist.manifest.columns)."""
+    view: ColumnView | None = None
+    """How they were named; None: as the manifest names them."""
+
+    def manifest_name(self, column: str) -> str | None:
+        """The manifest's own name of `column`, where --column-map or an index renamed it."""
+        return self.view.manifest_name(column) if self.view is not None else None
 
 
 class ManifestSource:
-    """The files of one manifest, their common schema, and batches of their rows in order."""
+    """The files of one manifest, their common schema, and batches of their rows in order, with
+    the columns under the names cogdist reads (`column_map`, a parsed --column-map, and the
+    renaming of an index read as a manifest: cogdist.manifest.columns)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, column_map: dict[str, str] | None = None):
         self.uri = uri
         self.location, paths = _find_files(uri)
         if not paths:
@@ -75,7 +85,9 @@ class ManifestSource:
             raise ManifestError(problems[:20], total=len(problems))
         if schema is None:  # no files: ManifestSource refuses an empty match above
             raise ManifestError([ManifestProblem(f"no Parquet schema read at {self.location.public_uri}")])
-        self.schema: pa.Schema = schema.remove_metadata()
+        self.view = column_view(schema.remove_metadata(), column_map)
+        self.schema: pa.Schema = self.view.schema
+        """The columns as cogdist reads them (the manifest's own: `view.raw`)."""
 
     @property
     def num_rows(self) -> int:
@@ -86,13 +98,15 @@ class ManifestSource:
         return self.location.uri_of(rel) if rel else self.location.public_uri
 
     def batches(self, columns: list[str] | None = None) -> Iterator[ManifestBatch]:
-        """Every row of every file, in order, `BATCH_ROWS` at a time (one row group at most)."""
+        """Every row of every file, in order, `BATCH_ROWS` at a time (one row group at most);
+        `columns` (names as cogdist reads them) reads only the manifest's columns they need."""
+        read = self.view.read_columns(columns)
         for file in self.files:
             try:
                 reader = pq.ParquetFile(self.location.fs.open_input_file(file.path))
                 first_row = 0
-                for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                    yield ManifestBatch(file, first_row, batch)
+                for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=read):
+                    yield ManifestBatch(file, first_row, self.view.apply(batch, columns), self.view)
                     first_row += batch.num_rows
             except _UNREADABLE as e:
                 raise ManifestError([ManifestProblem(f"cannot be read: {e}", file=file.name)]) from e

@@ -11,13 +11,14 @@ cogdist.manifest.uris.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from cogdist.errors import ManifestError, ManifestProblem
+from cogdist.manifest.columns import index_inputs
 from cogdist.manifest.schema import COLUMNS, CONDITIONING, INTEGER, NULL_AS, NUMBER, check_schema
 from cogdist.manifest.source import ManifestBatch, ManifestSource
 from cogdist.manifest.uris import ACCEPTED_URI, public_uri, uri_problem
@@ -41,7 +42,10 @@ def validate_manifest(
 ) -> ValidationReport:
     """Raise ManifestError naming the bad rows (the first MAX_REPORTED) or return a report;
     `adapters`: the names of the job's LoRA adapters, which a `lora` column may name."""
-    problems = check_schema(source.schema)
+    # A column read under another name (--column-map) is named by both in every message.
+    problems = [
+        replace(p, source=source.view.manifest_name(p.column or "")) for p in check_schema(source.schema)
+    ]
     if problems:
         raise ManifestError(problems)
 
@@ -60,7 +64,7 @@ def validate_manifest(
     if ids:
         count, duplicates = _duplicates(ids, places, MAX_REPORTED - len(found))
         total += count
-        found.extend(duplicates)
+        found.extend(replace(p, source=source.view.manifest_name("id")) for p in duplicates)
         del ids
         pa.default_memory_pool().release_unused()  # the ids were the big part; return them
     if total:
@@ -85,6 +89,14 @@ class _BatchChecker:
         self.problems: list[ManifestProblem] = []
         self.raw_ids = part.batch.column("id")
         self.invalid_text: dict[str, pa.Array] = {}  # column -> rows that are not valid UTF-8
+        # A column shown under two names (--column-map) is one array: checked once, under cogdist's.
+        mapped = part.view.mapped if part.view is not None else {}
+        self.text_checked: dict[str, pa.Array | None] = {}
+        self.flag_as: dict[str, str] = {}
+        for name in part.batch.schema.names:
+            own = part.manifest_name(name) or name
+            if name in mapped or own not in self.flag_as:
+                self.flag_as[own] = name
         self.columns: dict[str, pa.Array] = {}
         for index, field in enumerate(part.batch.schema):
             self.columns[field.name] = self._normalise(field.name, part.batch.column(index))
@@ -94,10 +106,14 @@ class _BatchChecker:
         self.ids_for_duplicates = self.ids if bad_text is None else pc.if_else(bad_text, None, self.ids)
 
     def _normalise(self, name: str, values: pa.Array) -> pa.Array:
-        bad_text = _invalid_utf8(values)
+        own = self.part.manifest_name(name) or name
+        if own not in self.text_checked:
+            self.text_checked[own] = _invalid_utf8(values)
+            if self.text_checked[own] is not None:
+                self.flag(self.text_checked[own], self.flag_as[own], "is not valid UTF-8 text")
+        bad_text = self.text_checked[own]
         if bad_text is not None:
             self.invalid_text[name] = bad_text
-            self.flag(bad_text, name, "is not valid UTF-8 text")
         kind = COLUMNS.get(name)
         if kind is None:
             return values
@@ -146,6 +162,7 @@ class _BatchChecker:
                     id=item_id if isinstance(item_id, str) else None,
                     column=column,
                     value=self.value(column, index),
+                    source=self.part.manifest_name(column),
                 )
             )
 
@@ -248,6 +265,8 @@ def _check_batch(
     if spec.conditioning:
         _check_tasks(check, spec, has_image, has_video)
         _check_input_uris(check, spec)
+        for name, mask, reason in index_inputs(part.batch, part.view):  # an index read as manifest
+            check.flag(mask, name, reason)
 
     lora = check.column("lora")
     if lora is not None:
@@ -305,6 +324,8 @@ def _check_tasks(check: _BatchChecker, spec: ModelSpec, has_image: np.ndarray, h
                 column = needed[0] if check.column(needed[0]) is not None else "prompt"
                 wanted = " or ".join(repr(c) for c in needed)
                 reason = f"{spec.name} needs {wanted} on every row ({spec.describe_tasks()})"
+                if check.part.view is not None and check.part.view.chained:  # jobs that feed jobs
+                    reason += f"; to read the outputs of this index: --column-map {needed[0]}=uri"
             check.flag(pa.array(mask), column, reason)
     strength = check.column("strength")
     if strength is not None:

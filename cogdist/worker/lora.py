@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from cogdist.errors import ConfigurationError, UsageError
 from cogdist.models.spec import ModelSpec
+from cogdist.storage import redact
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `save_lora_weights` writes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -70,13 +71,15 @@ def parse_adapter(text: str) -> Adapter:
         key, _, value = parts.pop().partition("=")
         key = key.strip()
         if key not in _KEYS:
-            raise UsageError(f"--lora {text!r}: unknown key {key!r} (keys: {', '.join(_KEYS)})")
+            raise UsageError(f"--lora {redact(text)!r}: unknown key {key!r} (keys: {', '.join(_KEYS)})")
         if key in values:
-            raise UsageError(f"--lora {text!r}: {key} is given twice")
+            raise UsageError(f"--lora {redact(text)!r}: {key} is given twice")
         values[key] = value.strip()
     source = ",".join(parts).strip()  # a path may hold commas
     if not source:
-        raise UsageError(f"--lora {text!r}: no SOURCE (a folder, file, s3:// / gs:// URI or Hub repo id)")
+        raise UsageError(
+            f"--lora {redact(text)!r}: no SOURCE (a folder, file, s3:// / gs:// URI or Hub repo id)"
+        )
     scale = 1.0
     if "scale" in values:
         try:
@@ -84,10 +87,10 @@ def parse_adapter(text: str) -> Adapter:
         except ValueError:
             scale = math.nan
         if not math.isfinite(scale):
-            raise UsageError(f"--lora {text!r}: scale={values['scale']} is not a finite number")
+            raise UsageError(f"--lora {redact(text)!r}: scale={values['scale']} is not a finite number")
     name = values.get("name") or _default_name(source)
     if not _NAME.fullmatch(name):
-        raise UsageError(f"--lora {text!r}: name {name!r} may hold only letters, digits, '_' and '-'")
+        raise UsageError(f"--lora {redact(text)!r}: name {name!r} may hold only letters, digits, '_' and '-'")
     return Adapter(
         source, scale, name, values.get("weight_name"), values.get("sha256"), values.get("revision")
     )
@@ -164,7 +167,7 @@ def resolve_lora(
         data, weight_name, revision = _fetch(adapter, allow_pickle, storage_timeout)
         digest = hashlib.sha256(data).hexdigest()
         if adapter.sha256 and adapter.sha256 != digest:
-            raise UsageError(f"--lora {adapter.source}: its sha256 is {digest}, not {adapter.sha256}")
+            raise UsageError(f"--lora {redact(adapter.source)}: its sha256 is {digest}, not {adapter.sha256}")
         check_fits(adapter, tensor_shapes(data, weight_name), layers, spec.name)
         where = _portable(adapter.source)
         resolved.append(
@@ -197,12 +200,12 @@ def _locate(adapter: Adapter, allow_pickle: bool) -> tuple[str, str, str]:
             kind, where, weight_name = "hub", source, adapter.weight_name or DEFAULT_WEIGHT_NAME
         else:
             raise UsageError(
-                f"--lora {source}: no such file or folder here (a local adapter must exist on every "
+                f"--lora {redact(source)}: no such file or folder here (a local adapter must exist on every "
                 "node), and not an s3:// / gs:// URI or a Hub repo id (owner/name)"
             )
     if not weight_name.endswith(".safetensors") and not allow_pickle:
         raise UsageError(
-            f"--lora {source}: {weight_name} is not safetensors; pickle weights can run code when "
+            f"--lora {redact(source)}: {weight_name} is not safetensors; pickle weights can run code when "
             "loaded: pass --allow-pickle-weights for an adapter you trust"
         )
     return kind, where, weight_name
@@ -225,7 +228,7 @@ def _weights_in(folder: str, adapter: Adapter) -> str:
     if len(found) == 1:
         return found[0]
     raise UsageError(
-        f"--lora {adapter.source}: {'several' if found else 'no'} weights files in the folder "
+        f"--lora {redact(adapter.source)}: {'several' if found else 'no'} weights files in the folder "
         f"({', '.join(found) or 'none'}); name one with weight_name="
     )
 
@@ -339,7 +342,7 @@ def check_fits(
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UsageError(
-            f"--lora {adapter.source}: adapter {adapter.name!r} does not fit {model} (another model "
+            f"--lora {redact(adapter.source)}: adapter {adapter.name!r} does not fit {model} (another model "
             f"family or size?): {'; '.join(problems[:3])}{more}"
         )
 
@@ -403,7 +406,7 @@ class _local_copy:
         digest = hashlib.sha256(data).hexdigest()
         if adapter.sha256 and digest != adapter.sha256:
             raise ConfigurationError(
-                f"--lora {adapter.source}: the weights changed since the job started (sha256 {digest}, "
+                f"--lora {redact(adapter.source)}: the weights changed since the job started (sha256 {digest}, "
                 f"checked {adapter.sha256}); every worker must load the same adapter"
             )
         return where, weight_name
