@@ -120,13 +120,21 @@ def status(out: str, manifest: str | None = None) -> JobStatus:
         failed_ids = table["id"].combine_chunks() if table is not None else pa.array([], pa.string())
         # The manifest is read as the job reads it: through its --column-map.
         source = ManifestSource(manifest, column_map=settings.get("column_map"))
-        pending = scan_pending(source, done, failed_ids).pending
+        pending = scan_pending(source, done, failed_ids, settings.get("samples") or 1).pending
     return JobStatus(location.public_uri, model, len(done), failed, pending, failures)
 
 
-def report(out: str, *, html: str | None = None, png: str | None = None, samples: int = 24) -> ReportFiles:
+def report(
+    out: str,
+    *,
+    html: str | None = None,
+    png: str | None = None,
+    thumbnails: int = 24,
+    samples: int | None = None,
+) -> ReportFiles:
     """Write an HTML page (default OUT/report.html) and a PNG (default OUT/report.png) of the job in
-    `out`: throughput over time, busy fraction per replica, failures by reason, sampled outputs."""
+    `out`: throughput over time, busy fraction per replica, failures by reason, `thumbnails` of
+    its outputs (`samples`: the older name of `thumbnails`)."""
     from cogdist.reporting import write_report  # matplotlib: loaded only when a report is made
 
-    return write_report(out, html, png, samples)
+    return write_report(out, html, png, thumbnails if samples is None else samples)

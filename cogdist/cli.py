@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--html", help="where to write the page (default OUT/report.html)")
     report.add_argument("--png", help="where to write the PNG (default OUT/report.png)")
     report.add_argument(
-        "--samples", type=int, default=24, help="outputs shown on the contact sheet (default 24)"
+        "--thumbnails",
+        "--samples",  # its spelling before `render --samples`
+        dest="thumbnails",
+        type=int,
+        default=24,
+        help="outputs shown on the contact sheet (default 24; --samples is the older spelling)",
     )
 
     models = commands.add_parser("models", help="list the model presets, or save a tiny one as a folder")
@@ -181,7 +186,7 @@ def _status_exit_code(result) -> int:
 def _report(args: argparse.Namespace) -> int:
     from cogdist.api import report
 
-    files = report(args.out, html=args.html, png=args.png, samples=args.samples)
+    files = report(args.out, html=args.html, png=args.png, thumbnails=args.thumbnails)
     print(f"report of {files.done} done and {files.failed} failed rows")
     if files.done == 0:
         print("  no row has finished yet: the report shows the failures alone")

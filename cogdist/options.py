@@ -118,6 +118,14 @@ class RenderOptions:
         kind=RECORDED,
         worker=True,
     )
+    samples: int = option(
+        "outputs per manifest row: sample 0 is the row itself, sample k a row of its own with id "
+        "'<id>#k' and a seed derived from the row's (default %(default)s)",
+        1,
+        kind=OUTPUT,
+        metavar="N",
+        record=null_at(1),
+    )
     batch_size: int = option("rows of one shape per pipeline call (default %(default)s)", 1, kind=RECORDED)
     max_in_flight: int = option("units queued per replica (default %(default)s)", 2, kind=RECORDED)
     max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
@@ -345,6 +353,7 @@ class RenderOptions:
         positive = {
             "--sp": self.sp,
             "--batch-size": self.batch_size,
+            "--samples": self.samples,
             "--max-in-flight": self.max_in_flight,
             "--replicas": self.replicas if self.replicas is not None else 1,
             "--steps": self.steps if self.steps is not None else 1,

@@ -19,6 +19,18 @@ def derive_seed(item_id: str) -> int:
     return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") >> 1
 
 
+def sample_id(item_id: str, sample: int) -> str:
+    """The id of sample `sample` of row `item_id` (--samples): the row's own for sample 0, else
+    `<id>#<sample>` (validation refuses a manifest whose ids would collide with these)."""
+    return item_id if sample == 0 else f"{item_id}#{sample}"
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a row seeded `seed`: the row's own for sample 0, else the first
+    8 bytes of sha256(f"{seed}#{sample}") as a 63-bit integer (as `derive_seed` does for ids)."""
+    return seed if sample == 0 else derive_seed(f"{seed}#{sample}")
+
+
 @dataclass(frozen=True)
 class WorkItem:
     """One row to render, with every setting resolved (no defaults left to the worker)."""
@@ -48,6 +60,10 @@ class WorkItem:
     """When set, the worker also writes every frame as a PNG under this folder (relative to OUT)."""
     adapters: tuple[tuple[str, float, str], ...] = ()
     """The LoRA adapters it renders with: (name, scale, sha256) of each (--lora, the `lora` column)."""
+    sample_index: int = 0
+    """Which of its manifest row's --samples it is (0: the row itself)."""
+    source_id: str | None = None
+    """Its manifest row's id, where it is a sample k > 0 (None: its own id)."""
 
     @property
     def shape(self) -> tuple:

@@ -53,8 +53,10 @@ def in_process_worker(rows: list[dict], model: str, out: Path, threads: int | No
         extension=extension(job.options.format),
         save_frames=job.options.save_frames,
         adapters=adapter_uses(job.options.lora),
+        samples=job.options.samples,
     )
-    pending = pending_rows(job.source, scan_pending(job.source, empty, empty), job.spec, defaults)
+    pending_set = scan_pending(job.source, empty, empty, job.options.samples)
+    pending = pending_rows(job.source, pending_set, job.spec, defaults)
     worker = RenderWorker(job.spec, job.out.worker_uri, worker_settings(job.options, threads))
     return worker, job, list(pending)
 

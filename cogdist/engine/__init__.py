@@ -50,7 +50,7 @@ class RenderSummary:
     out: str
     model: str
     total: int
-    """Rows in the manifest."""
+    """Rows to render in all: the manifest's rows times --samples."""
     done: int
     """Rows rendered and indexed by this run."""
     skipped: int
@@ -112,9 +112,11 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     if len(recovered):
         done_ids = pa.concat_arrays([done_ids, recovered])
     failed_ids = pa.array([], pa.string()) if options.retry_failed else read_ids(out, FAILURES)
-    counts = scan_pending(job.source, done_ids, failed_ids)
+    counts = scan_pending(job.source, done_ids, failed_ids, options.samples)
     log_line = (
-        f"cogdist: {counts.total} rows in manifest, {counts.done} already done"
+        f"cogdist: {counts.total} rows in manifest"
+        + (f" ({options.samples} samples of each)" if options.samples > 1 else "")
+        + f", {counts.done} already done"
         + (f" ({len(recovered)} indexed from the journal of a killed run)" if len(recovered) else "")
         + (f", {counts.failed} failed earlier (skipped)" if counts.failed else "")
         + f", {counts.pending} to render with {job.spec.name} -> {out.public_uri}"
@@ -145,6 +147,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
         extension=extension(job.options.format),
         save_frames=job.options.save_frames,
         adapters=adapter_uses(job.options.lora),
+        samples=job.options.samples,
     )
     rows = pending_rows(job.source, counts, job.spec, defaults)
     policy = FailurePolicy(max_retries=options.max_retries, max_gang_restarts=options.max_gang_restarts)

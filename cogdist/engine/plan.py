@@ -55,7 +55,7 @@ def plan(options: RenderOptions) -> Plan:
         storage_timeout=options.storage_timeout,
     )
     options = replace(options, lora=lora, fuse_lora=fuse)
-    validate_manifest(source, spec, adapters=adapter_names(lora))
+    validate_manifest(source, spec, adapters=adapter_names(lora), samples=options.samples)
     out = open_location(options.out, options.storage_timeout)
     if options.attention_backend == AUTO:
         # A job resumed renders with the backend its first worker chose (None: native).

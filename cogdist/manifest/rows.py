@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
 from cogdist.models.registry import DEFAULT_STRENGTH, VIDEO_TO_VIDEO, ModelSpec
 from cogdist.sink.naming import frames_folder, output_path
 from cogdist.storage import input_uri
-from cogdist.work import WorkItem, derive_seed
+from cogdist.work import WorkItem, derive_seed, sample_id, sample_seed
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class RowDefaults:
     adapters: tuple[tuple[str, float, str], ...] = ()
     """The job's LoRA adapters, (name, scale, sha256) each: every row's, or (a manifest with a
     `lora` column) those its rows name."""
+    samples: int = 1
+    """Outputs per manifest row (--samples): sample 0 is the row itself, see `sample_of`."""
 
 
 def _given(row: dict, name: str, default):
@@ -71,3 +73,20 @@ def work_items(
             ),
             row,
         )
+
+
+def sample_of(item: WorkItem, sample: int, defaults: RowDefaults) -> WorkItem:
+    """Sample `sample` of a row's item: a row of its own with its own id, seed and output names
+    (`cogdist.work.sample_id`, `sample_seed`); sample 0 is the item itself."""
+    if sample == 0:
+        return item
+    new_id = sample_id(item.id, sample)
+    return replace(
+        item,
+        id=new_id,
+        seed=sample_seed(item.seed, sample),
+        output=output_path(new_id, defaults.extension),
+        frames_dir=frames_folder(new_id) if item.frames_dir else None,
+        sample_index=sample,
+        source_id=item.id,
+    )

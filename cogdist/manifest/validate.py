@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from cogdist.errors import ManifestError, ManifestProblem
 from cogdist.manifest.columns import index_inputs
+from cogdist.manifest.samples import sample_collisions
 from cogdist.manifest.schema import COLUMNS, CONDITIONING, INTEGER, NULL_AS, NUMBER, check_schema
 from cogdist.manifest.source import ManifestBatch, ManifestSource
 from cogdist.manifest.uris import ACCEPTED_URI, public_uri, uri_problem
@@ -38,10 +39,11 @@ class ValidationReport:
 
 
 def validate_manifest(
-    source: ManifestSource, spec: ModelSpec, adapters: tuple[str, ...] = ()
+    source: ManifestSource, spec: ModelSpec, adapters: tuple[str, ...] = (), samples: int = 1
 ) -> ValidationReport:
     """Raise ManifestError naming the bad rows (the first MAX_REPORTED) or return a report;
-    `adapters`: the names of the job's LoRA adapters, which a `lora` column may name."""
+    `adapters`: the names of the job's LoRA adapters, which a `lora` column may name; `samples`:
+    outputs per row (--samples), whose ids must not be the manifest's."""
     # A column read under another name (--column-map) is named by both in every message.
     problems = [
         replace(p, source=source.view.manifest_name(p.column or "")) for p in check_schema(source.schema)
@@ -64,7 +66,11 @@ def validate_manifest(
     if ids:
         count, duplicates = _duplicates(ids, places, MAX_REPORTED - len(found))
         total += count
-        found.extend(replace(p, source=source.view.manifest_name("id")) for p in duplicates)
+        count, collisions = sample_collisions(
+            ids, places, samples, MAX_REPORTED - len(found) - len(duplicates)
+        )
+        total += count
+        found.extend(replace(p, source=source.view.manifest_name("id")) for p in [*duplicates, *collisions])
         del ids
         pa.default_memory_pool().release_unused()  # the ids were the big part; return them
     if total:

@@ -98,6 +98,8 @@ RESULT_COLUMNS = (
     Column(pa.field("finished_at", pa.timestamp("ms", tz="UTC")), lambda o: now_utc()),
     Column(pa.field("attempts", pa.int64()), lambda o: o.attempts),
     Column(pa.field("adapters", ADAPTERS_TYPE), _adapters),
+    Column(pa.field("sample_index", pa.int64()), lambda o: o.item.sample_index),
+    Column(pa.field("source_id", pa.string()), lambda o: o.item.source_id or o.item.id),
 )
 RESULT_FIELDS = [column.field for column in RESULT_COLUMNS]
 

@@ -33,6 +33,7 @@ from transformers import T5Config, T5EncoderModel
 from cogdist.inputs import Inputs
 from cogdist.models.cogvideox import SPEC
 from cogdist.models.loading import from_pretrained
+from cogdist.models.prompts import prompt_cache
 from cogdist.models.spec import (
     CONTROL_TO_VIDEO,
     IMAGE_TO_VIDEO,
@@ -159,12 +160,15 @@ def render(
     first = items[0]
     task_pipe = _for_task(pipe, first.task)
     cfg = first.guidance_scale > 1
-    encoded = on_first_rank(
-        gang,
-        lambda: [
-            task_pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device) for item in items
-        ],
-    )
+    prompts = prompt_cache(pipe)
+
+    def encode(item: WorkItem) -> tuple:
+        return prompts.get(
+            (item.prompt, item.negative_prompt, cfg),
+            lambda: task_pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device),
+        )
+
+    encoded = on_first_rank(gang, lambda: [encode(item) for item in items])
     videos: list[np.ndarray] = []
     for call in _calls(task_pipe, items):
         positive = [encoded[index][0] for index in call]

@@ -26,6 +26,7 @@ from transformers import GlmConfig, GlmModel
 
 from cogdist.inputs import Inputs
 from cogdist.models.loading import from_pretrained
+from cogdist.models.prompts import prompt_cache
 from cogdist.models.spec import ModelSpec, StepCheckpointer
 from cogdist.models.tiny import tiny_tokenizer
 from cogdist.parallel.broadcast import on_first_rank
@@ -119,10 +120,15 @@ def render(
     guidance = first.guidance_scale
     cfg = guidance > 1
 
+    prompts = prompt_cache(pipe)
+
     def encode() -> list[tuple]:
         encoded = []
         for item in items:
-            positive, negative = pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device)
+            positive, negative = prompts.get(
+                (item.prompt, item.negative_prompt, cfg),
+                lambda item=item: pipe.encode_prompt(item.prompt, item.negative_prompt, cfg, device=device),
+            )
             generator = torch.Generator("cpu").manual_seed(item.seed)
             latents = pipe.prepare_latents(
                 1,

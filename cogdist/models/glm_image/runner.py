@@ -41,6 +41,7 @@ from cogdist.models.glm_image.compat import ensure_i2i_compat
 from cogdist.models.glm_image.inputs import prepare_inputs
 from cogdist.models.glm_image.tiny import CODEBOOK, IMAGE_END_ID, IMAGE_START_ID, build_tiny
 from cogdist.models.loading import from_pretrained
+from cogdist.models.prompts import prompt_cache
 from cogdist.models.spec import ModelSpec, StepCheckpointer
 from cogdist.parallel.broadcast import on_first_rank
 from cogdist.parallel.cfg import pairing
@@ -138,12 +139,17 @@ def render(
     conditions = [inp.image for inp in inputs] if inputs else [None] * len(items)
     cfg = items[0].guidance_scale > 1
 
+    prompts = prompt_cache(pipe)
+
     def first_stages() -> list[tuple]:
         prepared = []
         for index, (item, condition) in enumerate(zip(items, conditions)):
             prior = priors[index] if priors is not None else generate_prior(pipe, item, condition, device)
             # This row's glyphs alone: no left padding from other rows.
-            embeds, _ = pipe.encode_prompt(item.prompt, False, device=device, dtype=pipe.dtype)
+            embeds, _ = prompts.get(
+                item.prompt,
+                lambda item=item: pipe.encode_prompt(item.prompt, False, device=device, dtype=pipe.dtype),
+            )
             shape = (
                 1,
                 pipe.transformer.config.in_channels,
