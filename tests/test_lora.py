@@ -22,7 +22,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from cogdist import engine
-from cogdist.errors import ConfigurationError, ManifestError, UsageError
+from cogdist.errors import ConfigurationError, ManifestError, ResumeConflictError, UsageError
 from cogdist.models.cogvideox import runner as cogvideox
 from cogdist.models.registry import PRESETS
 from cogdist.options import RenderOptions
@@ -296,8 +296,10 @@ def test_a_fused_adapter_through_the_cli_on_a_gang_of_two(saved, tmp_path):
         expected = stock_image(saved["model"], [(saved["A"], 0.7)], True, item)
         assert np.abs(pixels_of(out, table, item["id"]) - expected).max() <= 2  # SP reduction order
     assert table["adapters"].to_pylist() == [[{"name": "fox", "scale": 0.7, "sha256": sha}]] * 2
-    conflict = cli(*command, "--lora", f"{saved['A']},scale=0.5,name=fox", "--sp", "2", "--replicas", "1")
-    assert conflict.returncode == 2 and "--lora:" in conflict.stderr and "'scale': 0.7" in conflict.stderr
+    # Another scale is another job: refused up front, before Ray starts (the CLI's exit 2).
+    other = RenderOptions(str(manifest), "tiny-cogview4", str(out), steps=4, sp=2, replicas=1, progress=False)
+    with pytest.raises(ResumeConflictError, match="--lora: .*'scale': 0.7.*'scale': 0.5"):
+        engine.run(replace(other, lora=(f"{saved['A']},scale=0.5,name=fox",)))
 
 
 @pytest.mark.e2e
