@@ -320,7 +320,15 @@ def test_job_settings_keep_the_record_keys_and_rules(tmp_path):
     options = RenderOptions("m", "tiny-cogview4", "o", steps=6, replicas=3)
     job = options.resolved(spec).job_settings(spec, ["id", "prompt"])
     # 0.1.0's keys, and those added since: null at their default, so an older record resumes.
-    added = ["attention_backend", "quantize", "quantize_text_encoder", "column_map", "lora", "fuse_lora"]
+    added = [
+        "attention_backend",
+        "quantize",
+        "quantize_text_encoder",
+        "column_map",
+        "lora",
+        "fuse_lora",
+        "samples",
+    ]
     assert sorted(job.settings) == sorted([*RECORDED_KEYS, *added])
     assert all(job.settings[key] is None for key in added)
     assert job.settings["num_inference_steps"] == 6 and job.settings["model"] == spec.name
