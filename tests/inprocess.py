@@ -18,12 +18,9 @@ import torch
 from PIL import Image
 
 from cogdist.engine import plan, worker_settings
-from cogdist.manifest.rows import RowDefaults
 from cogdist.options import RenderOptions
 from cogdist.scheduler.pending import pending_rows, scan_pending
-from cogdist.sink.encode import extension
 from cogdist.work import WorkUnit
-from cogdist.worker.lora import adapter_uses
 from cogdist.worker.worker import RenderWorker
 from tests.conftest import probe_mp4, write_manifest
 
@@ -49,12 +46,7 @@ def in_process_worker(rows: list[dict], model: str, out: Path, threads: int | No
     manifest = write_manifest(out.with_name(out.name + "-manifest.parquet"), rows)
     job = plan(RenderOptions(str(manifest), model, str(out), **options))  # type: ignore[arg-type]
     empty = pa.array([], pa.string())
-    defaults = RowDefaults(
-        extension=extension(job.options.format),
-        save_frames=job.options.save_frames,
-        adapters=adapter_uses(job.options.lora),
-        samples=job.options.samples,
-    )
+    defaults = job.row_defaults
     pending_set = scan_pending(job.source, empty, empty, job.options.samples)
     pending = pending_rows(job.source, pending_set, job.spec, defaults)
     worker = RenderWorker(job.spec, job.out.worker_uri, worker_settings(job.options, threads))

@@ -20,15 +20,12 @@ from cogdist.engine.plan import Plan, ReplicaLayout, plan, replica_layout, worke
 from cogdist.errors import EXIT_OK, EXIT_ROWS_FAILED
 from cogdist.executor.cluster import connect, disconnect
 from cogdist.failures import FailurePolicy
-from cogdist.manifest.rows import RowDefaults
 from cogdist.options import RenderOptions
 from cogdist.scheduler import Scheduler
 from cogdist.scheduler.pending import pending_rows, scan_pending
-from cogdist.sink.encode import extension
 from cogdist.sink.job import check_resume, clear_outputs, write_job_record
 from cogdist.sink.journal import JOURNAL, recover
 from cogdist.sink.ledger import FAILURES, INDEX, read_ids
-from cogdist.worker.lora import adapter_uses
 from cogdist.worker.worker import RenderWorker
 
 __all__ = [
@@ -143,12 +140,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
     if counts.pending == 0:
         return summary()
 
-    defaults = RowDefaults(
-        extension=extension(job.options.format),
-        save_frames=job.options.save_frames,
-        adapters=adapter_uses(job.options.lora),
-        samples=job.options.samples,
-    )
+    defaults = job.row_defaults
     rows = pending_rows(job.source, counts, job.spec, defaults)
     policy = FailurePolicy(max_retries=options.max_retries, max_gang_restarts=options.max_gang_restarts)
     scheduler = Scheduler(rows, batch_size=options.batch_size, policy=policy)

@@ -11,14 +11,16 @@ from cogdist.executor.cluster import Cluster, Node, gangs_fitting
 from cogdist.executor.gang import GangSpec
 from cogdist.manifest import ManifestSource, validate_manifest
 from cogdist.manifest.columns import parse_column_map
+from cogdist.manifest.rows import RowDefaults
 from cogdist.models.layout import check_layout
 from cogdist.models.registry import ModelSpec, resolve_model, with_defaults
 from cogdist.options import RenderOptions
 from cogdist.sink import SINKS
+from cogdist.sink.encode import extension
 from cogdist.sink.job import JobSettings, recorded_setting, update_job_setting
 from cogdist.storage import Location, open_location
 from cogdist.worker.attention import AUTO, NATIVE
-from cogdist.worker.lora import adapter_names, resolve_lora
+from cogdist.worker.lora import adapter_names, adapter_uses, resolve_lora
 from cogdist.worker.settings import WorkerSettings
 
 
@@ -31,6 +33,16 @@ class Plan:
     source: ManifestSource
     out: Location
     settings: JobSettings
+
+    @property
+    def row_defaults(self) -> RowDefaults:
+        """How the job's rows fill what they leave empty: output names, frames, adapters, samples."""
+        return RowDefaults(
+            extension=extension(self.options.format),
+            save_frames=self.options.save_frames,
+            adapters=adapter_uses(self.options.lora),
+            samples=self.options.samples,
+        )
 
 
 def plan(options: RenderOptions) -> Plan:

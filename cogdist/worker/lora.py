@@ -13,6 +13,7 @@ weights (`fuse_lora`); unfused, `set_adapters` switches between them per unit (a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
@@ -164,7 +166,7 @@ def resolve_lora(
     resolved = []
     for text in lora:
         adapter = parse_adapter(text)
-        data, weight_name, revision = _fetch(adapter, allow_pickle, storage_timeout)
+        data, weight_name, revision, _ = _fetch(adapter, allow_pickle, storage_timeout)
         digest = hashlib.sha256(data).hexdigest()
         if adapter.sha256 and adapter.sha256 != digest:
             raise UsageError(f"--lora {redact(adapter.source)}: its sha256 is {digest}, not {adapter.sha256}")
@@ -233,23 +235,25 @@ def _weights_in(folder: str, adapter: Adapter) -> str:
     )
 
 
-def _fetch(adapter: Adapter, allow_pickle: bool, storage_timeout: float) -> tuple[bytes, str, str | None]:
-    """The weights file's bytes, its name and (a Hub adapter) the revision they were read at."""
+def _fetch(
+    adapter: Adapter, allow_pickle: bool, storage_timeout: float
+) -> tuple[bytes, str, str | None, str | None]:
+    """The weights file's bytes, its name, (a Hub adapter) the revision they were read at, and the
+    folder on this machine that holds the file (None: it is in an object store)."""
     kind, where, weight_name = _locate(adapter, allow_pickle)
-    revision = adapter.revision
-    if kind == "local":
-        with open(os.path.join(where, weight_name), "rb") as f:
-            return f.read(), weight_name, None
     if kind == "store":
         from cogdist.storage import open_location, read_uri
 
         if urlparse(where).path.endswith(WEIGHT_SUFFIXES):
-            return read_uri(where, storage_timeout), weight_name, None
-        return open_location(where, storage_timeout).read_bytes(weight_name), weight_name, None
-    path = _hub_file(where, weight_name, revision)
-    commit = os.path.basename(os.path.dirname(path))  # .../snapshots/<commit>/<file>
+            return read_uri(where, storage_timeout), weight_name, None, None
+        return open_location(where, storage_timeout).read_bytes(weight_name), weight_name, None, None
+    revision = adapter.revision
+    path = os.path.join(where, weight_name) if kind == "local" else _hub_file(where, weight_name, revision)
+    if kind == "hub":
+        commit = os.path.basename(os.path.dirname(path))  # .../snapshots/<commit>/<file>
+        revision = revision or (commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None)
     with open(path, "rb") as f:
-        return f.read(), weight_name, revision or (commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None)
+        return f.read(), weight_name, revision, os.path.dirname(path)
 
 
 def _hub_file(repo: str, weight_name: str, revision: str | None) -> str:
@@ -378,39 +382,24 @@ class LoadedAdapters:
         self.active = uses
 
 
-class _local_copy:
+@contextlib.contextmanager
+def _local_copy(adapter: Adapter, storage_timeout: float) -> Iterator[tuple[str, str]]:
     """The adapter's weights as a local (folder, file name), its sha256 checked; an object-store
     adapter is downloaded to a temporary folder, removed on exit."""
-
-    def __init__(self, adapter: Adapter, storage_timeout: float):
-        self.adapter = adapter
-        self.timeout = storage_timeout
-        self.temporary: str | None = None
-
-    def __enter__(self) -> tuple[str, str]:
-        adapter = self.adapter
-        kind, where, weight_name = _locate(adapter, allow_pickle=True)  # the driver checked the kind
-        if kind == "local":
-            with open(os.path.join(where, weight_name), "rb") as f:
-                data = f.read()
-        elif kind == "hub":
-            path = _hub_file(where, weight_name, adapter.revision)
-            where = os.path.dirname(path)
-            with open(path, "rb") as f:
-                data = f.read()
-        else:
-            data, _, _ = _fetch(adapter, True, self.timeout)
-            self.temporary = where = tempfile.mkdtemp(prefix="cogdist-lora-")
-            with open(os.path.join(where, weight_name), "wb") as f:
-                f.write(data)
-        digest = hashlib.sha256(data).hexdigest()
-        if adapter.sha256 and digest != adapter.sha256:
-            raise ConfigurationError(
-                f"--lora {redact(adapter.source)}: the weights changed since the job started (sha256 {digest}, "
-                f"checked {adapter.sha256}); every worker must load the same adapter"
-            )
-        return where, weight_name
-
-    def __exit__(self, *exc: object) -> None:
-        if self.temporary:
-            shutil.rmtree(self.temporary, ignore_errors=True)
+    data, weight_name, _, folder = _fetch(adapter, True, storage_timeout)  # the driver checked the kind
+    digest = hashlib.sha256(data).hexdigest()
+    if adapter.sha256 and digest != adapter.sha256:
+        raise ConfigurationError(
+            f"--lora {redact(adapter.source)}: the weights changed since the job started (sha256 {digest}, "
+            f"checked {adapter.sha256}); every worker must load the same adapter"
+        )
+    if folder is not None:
+        yield folder, weight_name
+        return
+    temporary = tempfile.mkdtemp(prefix="cogdist-lora-")
+    try:
+        with open(os.path.join(temporary, weight_name), "wb") as f:
+            f.write(data)
+        yield temporary, weight_name
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
