@@ -160,7 +160,13 @@ class FailurePolicy:
 # -- what a worker's exception was ---------------------------------------------------------
 
 # How torch reports a failed gloo/NCCL collective when it raises a plain RuntimeError.
-_COLLECTIVE_WORDS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+_COLLECTIVE_WORDS = (
+    "gloo",
+    "NCCL",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "caused pair closure",  # gloo, on a pair an earlier timeout closed
+)
 
 
 def broken_collective(error: BaseException, collective_errors: Iterable[type] = ()) -> bool:

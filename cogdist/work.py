@@ -86,6 +86,9 @@ class WorkUnit:
 
     unit_id: int
     items: tuple[WorkItem, ...]
+    turn: int | None = None
+    """Its place in its replica's order, numbered by the driver as it submits: a worker renders
+    its units in this order, so the ranks of a gang agree (None: a caller making one call at a time)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class ItemResult:
     sha256: str | None = None
     """Of the stored output's bytes, so anyone can check the object the index points at."""
     render_seconds: float = 0.0
+    """Its share of the unit's rendering: the pipeline call, from prompt encoding to decoded pixels."""
+    io_seconds: float = 0.0
+    """Its own reading of inputs, encoding, hashing and storing, which overlap other rows' rendering."""
     compile_seconds: float = 0.0
     """Its share of the unit's torch.compile time (--compile: a shape bucket's first unit), not
     in render_seconds."""
@@ -115,6 +121,7 @@ class UnitResult:
     unit_id: int
     items: tuple[ItemResult, ...]
     seconds: float
-    """Wall time of the whole unit on the worker, from receipt to last write."""
+    """Wall time of the whole unit on the worker, from receipt to last write, less its wait for
+    its turn (the render of a unit before it)."""
     step_seconds: tuple[float, ...] = ()
     """Time of each denoising step after the first, of each pipeline call (for metrics)."""

@@ -18,23 +18,23 @@ from cogdist.worker.worker import RenderWorker
 class PoisonWorker(RenderWorker):
     """Raises for every row whose prompt contains 'poison', as an undecodable input would."""
 
-    def render(self, unit):
+    def render_pixels(self, unit, prepared):
         for item in unit.items:
             if "poison" in item.prompt:
                 raise ValueError(f"cannot render {item.id}: poisoned prompt")
-        return super().render(unit)
+        return super().render_pixels(unit, prepared)
 
 
 def dying_worker(marker_dir: Path, victim: str) -> type:
     """A worker whose process exits hard the first time it renders `victim`."""
 
     class DyingWorker(RenderWorker):
-        def render(self, unit):
+        def render_pixels(self, unit, prepared):
             marker = Path(marker_dir) / "died"
             if any(i.id == victim for i in unit.items) and not marker.exists():
                 marker.write_text(str(os.getpid()))
                 os._exit(1)
-            return super().render(unit)
+            return super().render_pixels(unit, prepared)
 
     return DyingWorker
 
@@ -44,12 +44,12 @@ def dying_member(marker_dir: Path, victims: dict[str, int]) -> type:
     once per row; each death leaves a file `died-<id>` in `marker_dir`."""
 
     class DyingMember(RenderWorker):
-        def render(self, unit):
+        def render_pixels(self, unit, prepared):
             for item in unit.items:
                 marker = Path(marker_dir) / f"died-{item.id.replace('/', '_')}"
                 if victims.get(item.id) == self.rank and not marker.exists():
                     self._die_on_second_step(marker)
-            return super().render(unit)
+            return super().render_pixels(unit, prepared)
 
         def _die_on_second_step(self, marker: Path) -> None:
             calls = []
@@ -69,12 +69,12 @@ def hanging_member(marker_dir: Path, victim: str, rank: int) -> type:
     """A gang member that stops answering (sleeps) before rendering `victim`, once."""
 
     class HangingMember(RenderWorker):
-        def render(self, unit):
+        def render_pixels(self, unit, prepared):
             marker = Path(marker_dir) / "hung"
             if self.rank == rank and any(i.id == victim for i in unit.items) and not marker.exists():
                 marker.write_text(str(os.getpid()))
                 time.sleep(3600)
-            return super().render(unit)
+            return super().render_pixels(unit, prepared)
 
     return HangingMember
 
@@ -196,7 +196,7 @@ def out_of_memory(log_file: Path, once: str, always: str) -> type:
     import torch
 
     class OutOfMemory(RenderWorker):
-        def render(self, unit):
+        def render_pixels(self, unit, prepared):
             ids = [item.id for item in unit.items]
 
             def check(module, args, kwargs):
@@ -209,7 +209,7 @@ def out_of_memory(log_file: Path, once: str, always: str) -> type:
 
             hook = self.pipe.transformer.register_forward_pre_hook(check, with_kwargs=True)
             try:
-                return super().render(unit)
+                return super().render_pixels(unit, prepared)
             finally:
                 hook.remove()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -50,8 +50,15 @@ class ReplicaGang:
     """One replica (driver side): K actors of `worker_class`, ranks 0..K-1, in one placement group.
     Inside the workers the same gang is a `cogdist.parallel.group.GangGroup`."""
 
-    def __init__(self, replica: int, spec: GangSpec, worker_class: type, worker_args: tuple[Any, ...]):
+    def __init__(
+        self, replica: int, spec: GangSpec, worker_class: type, worker_args: tuple[Any, ...], calls: int = 1
+    ):
         self.replica = replica
+        self.calls = calls
+        """Units it is handed at once: each member runs as many calls at a time (a threaded actor),
+        so that one renders while the next reads its inputs and the last stores its outputs."""
+        self.turns = 0
+        """Units submitted to its current actors: the next one's turn."""
         self.spec = spec
         self.worker_class = worker_class
         self.worker_args = worker_args
@@ -74,6 +81,7 @@ class ReplicaGang:
                 num_gpus=self.spec.gpus_per_member,
                 max_restarts=0,
                 max_task_retries=0,
+                max_concurrency=self.calls + 1,  # the spare thread: setup, or a stray call
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.group, placement_group_bundle_index=rank
                 ),
@@ -84,6 +92,7 @@ class ReplicaGang:
         address = self.actors[0].rendezvous.remote() if self.spec.size > 1 else None
         self.setup_refs = [actor.setup.remote(address) for actor in self.actors]
         self.state = GangState.STARTING
+        self.turns = 0
         self.started_at = time.monotonic()
         return self.setup_refs
 
@@ -107,7 +116,9 @@ class ReplicaGang:
         return {name: amount * self.spec.size for name, amount in self.spec.bundle().items()}
 
     def submit(self, unit: WorkUnit) -> ray.ObjectRef:
-        """Every rank gets the unit; rank 0's result is the unit's result."""
+        """Every rank gets the unit, numbered with its turn; rank 0's result is the unit's result."""
+        unit = replace(unit, turn=self.turns)
+        self.turns += 1
         refs = [actor.render.remote(unit) for actor in self.actors]
         return refs[0]
 

@@ -14,7 +14,8 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,12 +34,16 @@ from cogdist.worker.inputs import InputError, load_inputs
 from cogdist.worker.offload import MODEL as MODEL_OFFLOAD
 from cogdist.worker.offload import NONE as NO_OFFLOAD
 from cogdist.worker.offload import offload_pipeline
+from cogdist.worker.overlap import OutputBuffer, Turnstile
 from cogdist.worker.quantize import BNB_8BIT, quantize_pipeline
 from cogdist.worker.quantize import NONE as QUANTIZE_NONE
 from cogdist.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from cogdist.parallel.group import GangGroup
+
+WRITERS = 4
+"""Outputs of a unit encoded and stored at once (encoders and uploads mostly wait, not compute)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,30 @@ class WorkerInfo:
     load_seconds: float
     attention_backend: str = "native"
     """The attention backend it renders with (`--attention-backend auto` resolved)."""
+
+
+@dataclass
+class Prepared:
+    """A unit's rows as read before their turn."""
+
+    inputs: dict[str, object] = field(default_factory=dict)
+    """Decoded conditioning inputs of each readable row, by id."""
+    failed: dict[str, ItemResult] = field(default_factory=dict)
+    """Rows whose inputs could not be read."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Each row's reading time."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A unit's turn: its rendered rows' pixels, on the host."""
+
+    items: list[WorkItem] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    """The pipeline call, compiling apart."""
+    compile_seconds: float = 0.0
+    step_seconds: tuple[float, ...] = ()
 
 
 class RenderWorker:
@@ -70,6 +99,11 @@ class RenderWorker:
         self.pipe = None
         self.gang: GangGroup | None = None
         self.node = node_id()
+        self.broken: str | None = None
+        """Why the gang's collectives failed, once they have: it takes no more units."""
+        self.turnstile = Turnstile()
+        self.buffer = OutputBuffer()
+        self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="cogdist-write")
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: where the gang's process group meets (an address and free port of this node)."""
@@ -174,75 +208,120 @@ class RenderWorker:
         )
 
     def render(self, unit: WorkUnit) -> UnitResult:
-        """Render a unit; in a gang every rank calls this with the same unit, rank 0 writes."""
-        if self.gang is None:
-            return self._render(unit)
+        """Render a unit and store its outputs; in a gang every rank calls this with the same unit,
+        rank 0 stores. Returns once every output is stored (a row is finished only then).
+
+        The actor is threaded (cogdist.worker.overlap): the unit's inputs are read as soon as the
+        call arrives, its render waits for its turn, and its outputs are encoded and stored while
+        the next unit renders.
+        """
+        start = time.perf_counter()
+        problem: BaseException | None = None
         try:
-            return self._render(unit)
+            prepared = self._read_inputs(unit)
+        except BaseException as e:  # raised in its turn: the turns after it must not wait forever
+            prepared, problem = Prepared(), e
+        queued = time.perf_counter()
+        with self.turnstile.turn(unit.turn):
+            start += time.perf_counter() - queued  # its wait for its turn is no time of its own
+            if problem is not None:
+                raise problem
+            rendered = self._render_in_gang(unit, prepared)
+            if self.gang is not None and not self.gang.is_writer:  # rank 0 stores; the rest return
+                return UnitResult(unit.unit_id, (), time.perf_counter() - start, rendered.step_seconds)
+            held = sum(pixels.nbytes for pixels in rendered.outputs)
+            self.buffer.hold(held)  # a slow store holds the next render back here
+        results = dict(prepared.failed)
+        try:
+            written = list(self.writers.map(self._write, rendered.items, rendered.outputs))
+        finally:
+            self.buffer.release(held)
+        if self.checkpoints is not None:
+            self.checkpoints.remove(rendered.items)
+        count = len(rendered.items)
+        for result, seconds in written:
+            if result.ok:
+                result = replace(
+                    result,
+                    render_seconds=rendered.seconds / count,
+                    compile_seconds=rendered.compile_seconds / count,
+                    io_seconds=prepared.seconds.get(result.id, 0.0) + seconds,
+                )
+            results[result.id] = result
+        return UnitResult(
+            unit.unit_id,
+            tuple(results[i.id] for i in unit.items),
+            time.perf_counter() - start,
+            rendered.step_seconds,
+        )
+
+    def _render_in_gang(self, unit: WorkUnit, prepared: Prepared) -> Rendered:
+        """`render_pixels`; in a gang, a collective that failed means a peer is gone or stuck: the
+        gang, not the row, and every unit queued behind it is refused at once (its peers would wait
+        in a collective that never completes)."""
+        if self.gang is None:
+            return self.render_pixels(unit, prepared)
+        if self.broken is not None:
+            raise GangBroken(f"rank {self.rank}: an earlier unit broke the gang: {self.broken}")
+        try:
+            return self.render_pixels(unit, prepared)
         except Exception as e:
             import torch.distributed as dist
 
-            # A collective that failed means a peer is gone or stuck: the gang, not the row.
             if broken_collective(e, (dist.DistError,)):
-                raise GangBroken(f"rank {self.rank}: {type(e).__name__}: {e}") from e
+                self.broken = f"{type(e).__name__}: {e}"
+                raise GangBroken(f"rank {self.rank}: {self.broken}") from e
             raise
 
-    def _render(self, unit: WorkUnit) -> UnitResult:
-        start = time.perf_counter()
-        results: dict[str, ItemResult] = {}
-        loaded: dict[str, object] = {}
+    def _read_inputs(self, unit: WorkUnit) -> Prepared:
+        """Every row's decoded and fitted conditioning inputs; a row whose input cannot be read
+        fails alone."""
+        prepared = Prepared()
         for item in unit.items:
+            started = time.perf_counter()
             try:
                 inputs = self._load(item)
                 # The family's own checks and fitting of decoded inputs.
-                loaded[item.id] = self.runner.prepare_inputs(item, inputs)
+                prepared.inputs[item.id] = self.runner.prepare_inputs(item, inputs)
             except InputError as e:
-                results[item.id] = ItemResult(item.id, ok=False, error=str(e))
+                prepared.failed[item.id] = ItemResult(item.id, ok=False, error=str(e))
+            prepared.seconds[item.id] = time.perf_counter() - started
+        return prepared
+
+    def render_pixels(self, unit: WorkUnit, prepared: Prepared) -> Rendered:
+        """The unit's turn: its readable rows rendered in one pipeline call, to pixels on the host."""
         if self.gang is not None:
             # Every rank must render the same rows: a row whose input failed on any rank (a
             # transient read error on one node) fails on all of them, and is retried.
             from cogdist.parallel.broadcast import failed_on_any_rank
 
             for item, failed in zip(
-                unit.items, failed_on_any_rank(self.gang, [i.id in results for i in unit.items])
+                unit.items, failed_on_any_rank(self.gang, [i.id in prepared.failed for i in unit.items])
             ):
-                if failed and item.id not in results:
-                    del loaded[item.id]
+                if failed and item.id not in prepared.failed:
+                    del prepared.inputs[item.id]
                     error = "its input could not be read on another rank of the gang (see that worker's log)"
-                    results[item.id] = ItemResult(item.id, ok=False, error=error)
-        ready = [item for item in unit.items if item.id in loaded]
-        inputs = [loaded[item.id] for item in ready]
+                    prepared.failed[item.id] = ItemResult(item.id, ok=False, error=error)
+        ready = [item for item in unit.items if item.id in prepared.inputs]
+        if not ready:
+            return Rendered()
+        start = time.perf_counter()
         step_seconds: list[float] = []
+        if self.adapters is not None:
+            self.adapters.activate(ready[0].adapters)  # a unit's rows share their adapters
+        if self.compile_clock is not None:
+            self.compile_clock.before_unit((ready[0].shape, len(ready)))
+            compiled_before = self.compile_clock.seconds
+        with timing_steps(self.pipe.scheduler, step_seconds):
+            outputs = self._render_saving_memory_on_oom(ready, [prepared.inputs[i.id] for i in ready])
         compile_seconds = 0.0
-        if ready:
-            if self.adapters is not None:
-                self.adapters.activate(ready[0].adapters)  # a unit's rows share their adapters
-            if self.compile_clock is not None:
-                self.compile_clock.before_unit((ready[0].shape, len(ready)))
-                compiled_before = self.compile_clock.seconds
-            with timing_steps(self.pipe.scheduler, step_seconds):
-                outputs = self._render_saving_memory_on_oom(ready, inputs)
-            if self.compile_clock is not None:
-                compile_seconds = self.compile_clock.seconds - compiled_before
-            if (
-                self.gang is not None and not self.gang.is_writer
-            ):  # rank 0 writes; the rest return nothing large
-                return UnitResult(unit.unit_id, (), time.perf_counter() - start)
-            written = [self._write(item, pixels) for item, pixels in zip(ready, outputs)]
-            if self.checkpoints is not None:
-                self.checkpoints.remove(ready)
-            # A row's render time: its share of the unit, inputs, rendering, encoding and upload
-            # included, compiling (--compile, a bucket's first unit) apart.
-            per_item = (time.perf_counter() - start - compile_seconds) / len(ready)
-            compiled = compile_seconds / len(ready)
-            for result in written:
-                if result.ok:
-                    result = replace(result, render_seconds=per_item, compile_seconds=compiled)
-                results[result.id] = result
-        return UnitResult(
-            unit.unit_id,
-            tuple(results[i.id] for i in unit.items),
-            time.perf_counter() - start,
+        if self.compile_clock is not None:
+            compile_seconds = self.compile_clock.seconds - compiled_before
+        return Rendered(
+            ready,
+            list(outputs),
+            time.perf_counter() - start - compile_seconds,
+            compile_seconds,
             tuple(step_seconds),
         )
 
@@ -280,12 +359,14 @@ class RenderWorker:
         """A row's decoded conditioning inputs (InputError when they cannot be read)."""
         return load_inputs(item, self.settings.storage_timeout)
 
-    def _write(self, item: WorkItem, pixels: np.ndarray) -> ItemResult:
-        """Encode a whole output in memory, then store it (frames first, the indexed file last).
+    def _write(self, item: WorkItem, pixels: np.ndarray) -> tuple[ItemResult, float]:
+        """Encode a whole output in memory, then store it (frames first, the indexed file last);
+        with the seconds it took.
 
         A write that still fails after `storage_timeout` of retries raises StorageError: OUT is
         unreachable, which is no row's fault, and the driver stops the run (a re-run resumes).
         """
+        start = time.perf_counter()
         if pixels.ndim == 4:
             if item.frames_dir:
                 for number, frame in enumerate(pixels):
@@ -296,7 +377,7 @@ class RenderWorker:
         if not self.settings.return_outputs:
             self.out.write_bytes(item.output, data)
         frames = pixels.shape[0] if pixels.ndim == 4 else None
-        return ItemResult(
+        result = ItemResult(
             item.id,
             ok=True,
             bytes_written=len(data),
@@ -305,6 +386,7 @@ class RenderWorker:
             node=self.node,
             data=data if self.settings.return_outputs else None,
         )
+        return result, time.perf_counter() - start
 
 
 def node_id() -> str:
