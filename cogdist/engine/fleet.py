@@ -34,7 +34,10 @@ class Replica:
     draining: bool = False
     """Its node is being drained: it gets no new unit, and moves once its units are done."""
     units: list[int] = field(default_factory=list)
-    """The units it has in flight, oldest (the one being rendered) first."""
+    """The units it has in flight, oldest first."""
+    head_since: float = 0.0
+    """perf_counter() when its oldest unit became its oldest (submitted to it idle, or the one
+    before came back)."""
 
     @property
     def ready(self) -> bool:

@@ -163,21 +163,35 @@ class RenderLoop:
                 self.progress.close()
 
     def _dispatch(self) -> None:
-        """Top every ready replica up to max_in_flight units, prefetching only behind quick ones."""
+        """Top every ready replica up to max_in_flight units. A further unit goes behind what it
+        holds only when that should be done within PREFETCH_SECONDS, and never behind a unit that
+        must render alone."""
         for replica in self.replicas:
             if not replica.ready or replica.draining:
                 continue
             held = replica.units
             while len(held) < self.options.max_in_flight:
-                if held:
-                    expected = [self.scheduler.expected_seconds(u) for u in held]
-                    if None in expected or sum(expected) > PREFETCH_SECONDS:  # type: ignore[arg-type]
-                        break
-                unit = self.scheduler.next_unit()
+                if held and not self._prefetches_behind(replica):
+                    break
+                unit = self.scheduler.next_unit(behind=bool(held))
                 if unit is None:
                     return
+                if not held:
+                    replica.head_since = time.perf_counter()
                 self.waiting[replica.gang.submit(unit)] = Waiting(replica, unit.unit_id)
                 held.append(unit.unit_id)
+
+    def _prefetches_behind(self, replica: Replica) -> bool:
+        """Whether what `replica` holds should be done within PREFETCH_SECONDS (never behind a unit
+        of unknown cost): then its next unit's inputs are read and its render starts as soon as
+        the last one's pixels are off the device."""
+        if any(self.scheduler.alone(unit_id) for unit_id in replica.units):
+            return False
+        expected = [self.scheduler.expected_seconds(unit_id) for unit_id in replica.units]
+        if None in expected:
+            return False
+        remaining = sum(expected) - (time.perf_counter() - replica.head_since)  # type: ignore[arg-type]
+        return remaining <= PREFETCH_SECONDS
 
     @staticmethod
     def _fetch(refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, object]]:
@@ -217,6 +231,7 @@ class RenderLoop:
                     self.progress.write(f"cogdist: replica {replica.index} is back ({result.device})")
             return
         replica.units.remove(unit_id)
+        replica.head_since = time.perf_counter()
         self.policy.rendered(replica.index)
         self.metrics.steps(result.step_seconds)
         self._record(*self.scheduler.complete(unit_id, result.items, result.seconds), replica=replica.index)
@@ -251,12 +266,15 @@ class RenderLoop:
             if decision.stop is not None:
                 raise decision.stop
             return
-        # The gang goes: every call it has in flight is settled. Only the oldest unit was being
-        # rendered; the ones queued behind it are re-queued free.
+        # The gang goes: every call it has in flight is settled. A unit alone was the one being
+        # rendered. Of several, the oldest may have been storing its outputs while the next
+        # rendered: none is charged, and each renders again alone, where a death is its own.
+        held = self._tear_down(replica)
+        alone = len(held) > 1 and decision.rows != RowCharge.FREE
         failed = []
-        for position, unit_id in enumerate(self._tear_down(replica)):
-            charge = decision.rows if position == 0 else RowCharge.FREE
-            failed += self.scheduler.requeue(unit_id, charge, reason)
+        for position, unit_id in enumerate(held):
+            charge = decision.rows if position == 0 and not alone else RowCharge.FREE
+            failed += self.scheduler.requeue(unit_id, charge, reason, alone=alone)
         replica.last_error = reason
         self._show_replicas()
         self._record([], failed)
@@ -274,7 +292,7 @@ class RenderLoop:
 
     def _tear_down(self, replica: Replica) -> list[int]:
         """Kill a replica's gang (its placement group goes too) and drop its calls in flight;
-        returns the units it held, oldest (the one being rendered) first."""
+        returns the units it held, oldest first."""
         held, replica.units = replica.units, []
         for key in [key for key, (r, _) in self.waiting.items() if r is replica]:
             del self.waiting[key]
@@ -285,7 +303,9 @@ class RenderLoop:
     def _add_replica(self) -> Replica:
         spec, out_uri, settings, worker_class = self.worker_args
         index = len(self.replicas)
-        gang = ReplicaGang(index, self.layout.gang, worker_class, (spec, out_uri, settings))
+        gang = ReplicaGang(
+            index, self.layout.gang, worker_class, (spec, out_uri, settings), calls=self.options.max_in_flight
+        )
         replica = Replica(index, gang)
         self.replicas.append(replica)
         return replica

@@ -26,6 +26,9 @@ class Row:
     """Renders that raised an error for this row."""
     crashes: int = 0
     """Renders lost because their worker died."""
+    alone: bool = False
+    """Render it with nothing else on its replica: its worker died while it and another unit were
+    in flight (one storing its outputs, one rendering), so which one killed it is unknown."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,13 @@ class Scheduler:
         """Rows not yet handed out (buffered, retried, or still in the stream)."""
         return bool(self._buffered or self._retries or not self._stream_done)
 
-    def next_unit(self) -> WorkUnit | None:
-        """The next unit to render, or None when there is nothing to hand out now."""
-        if self._retries:
-            return self._issue(self._retries.popleft())
+    def next_unit(self, behind: bool = False) -> WorkUnit | None:
+        """The next unit to render, or None when there is nothing to hand out now. `behind`: for a
+        replica that holds units already, which cannot take a unit that must render alone."""
+        for position, rows in enumerate(self._retries):
+            if not (behind and rows[0].alone):
+                del self._retries[position]
+                return self._issue(rows)
         while True:
             full = next((key for key, rows in self._buckets.items() if len(rows) >= self.batch_size), None)
             if full is not None:
@@ -100,6 +106,10 @@ class Scheduler:
         # No bucket is full: rather than let a replica idle, hand out the fullest one.
         key = max(self._buckets, key=lambda k: len(self._buckets[k]))
         return self._issue(self._take(key, self.batch_size))
+
+    def alone(self, unit_id: int) -> bool:
+        """Whether an issued unit must render with nothing else on its replica."""
+        return any(row.alone for row in self._in_flight.get(unit_id, ()))
 
     def expected_seconds(self, unit_id: int) -> float | None:
         """How long an issued unit should take, from earlier units of its shape (None: no idea yet)."""
@@ -132,10 +142,14 @@ class Scheduler:
         )
         return finished, failed
 
-    def requeue(self, unit_id: int, charge: RowCharge, reason: str) -> list[Failed]:
+    def requeue(self, unit_id: int, charge: RowCharge, reason: str, alone: bool = False) -> list[Failed]:
         """A unit that did not finish: each row is charged as the policy decided and retried on
-        its own; the rows that failed for good are returned."""
-        return self._retry(self._in_flight.pop(unit_id), charge, reason)
+        its own (`alone`: on a replica holding nothing else); the rows that failed for good are
+        returned."""
+        rows = self._in_flight.pop(unit_id)
+        for row in rows:
+            row.alone = row.alone or alone  # once in doubt, alone until it is settled
+        return self._retry(rows, charge, reason)
 
     # -- internals -------------------------------------------------------------------------
 
