@@ -78,14 +78,21 @@ def active_spans(intervals: list[tuple[float, float]], idle_gap: float) -> list[
 
 
 def replica_busy(
-    finished: np.ndarray, seconds: np.ndarray, replicas: np.ndarray, idle_gap: float = IDLE_GAP_SECONDS
+    finished: np.ndarray,
+    seconds: np.ndarray,
+    replicas: np.ndarray,
+    idle_gap: float = IDLE_GAP_SECONDS,
+    io: np.ndarray | None = None,
 ) -> list[ReplicaBusy]:
     """Per replica: busy (summed render_seconds) and active time (its spans: from the start of its
-    first unit to the end of its last, split wherever it paused longer than `idle_gap`)."""
+    first unit to the end of its last, split wherever it paused longer than `idle_gap`). A unit
+    starts its rows' render and I/O time (`io`: io_seconds) before they finished: its reading,
+    encoding and storing overlap other units' renders, so they count as active, not busy."""
+    whole = seconds if io is None else seconds + io
     result = []
     for replica in sorted(set(replicas.tolist())):
         mine = replicas == replica
-        spans = active_spans(work_units(finished[mine], seconds[mine]), idle_gap)
+        spans = active_spans(work_units(finished[mine], whole[mine]), idle_gap)
         result.append(
             ReplicaBusy(
                 replica=int(replica),
@@ -137,6 +144,8 @@ class JobData:
     """finished_at of every done row, in epoch seconds."""
     seconds: np.ndarray
     """render_seconds of every done row."""
+    io: np.ndarray
+    """io_seconds of every done row (0 where an index written before cogdist recorded it)."""
     replicas: np.ndarray | None
     """replica of every done row; None for an index written before cogdist recorded it."""
     ids: list[str]
@@ -153,14 +162,13 @@ class JobData:
         return sum(len(r.ids) for r in self.reasons)
 
     def units(self) -> list[tuple[float, float]]:
+        whole = self.seconds + self.io
         if self.replicas is None:  # no way to tell which rows were a batch: one row, one unit
-            return list(zip((self.finished - self.seconds).tolist(), self.finished.tolist()))
+            return list(zip((self.finished - whole).tolist(), self.finished.tolist()))
         return [
             unit
             for replica in set(self.replicas.tolist())
-            for unit in work_units(
-                self.finished[self.replicas == replica], self.seconds[self.replicas == replica]
-            )
+            for unit in work_units(self.finished[self.replicas == replica], whole[self.replicas == replica])
         ]
 
 
@@ -172,7 +180,9 @@ def read_job(location: Location) -> JobData:
     record = json.loads(location.read_bytes(JOB_RECORD))
     schema = done_schema(location)
     columns = ["id", "finished_at", "render_seconds"]
-    extra = [name for name in ("replica", "node") if schema is not None and name in schema.names]
+    extra = [
+        name for name in ("replica", "node", "io_seconds") if schema is not None and name in schema.names
+    ]
     has_replicas = "replica" in extra
     table = read_done(location, columns + extra)
     if table is None:
@@ -195,11 +205,18 @@ def read_job(location: Location) -> JobData:
         created_at=record.get("created_at"),
         finished=finished.to_numpy().astype(float) / 1000.0,
         seconds=table["render_seconds"].fill_null(0.0).to_numpy().astype(float),
+        io=_zero_if_absent(table, "io_seconds"),
         replicas=replicas,
         ids=ids.to_pylist(),
         reasons=failure_reasons(read_table(location, FAILURES), ids.combine_chunks()),
         nodes=_counts(table["node"]) if "node" in table.column_names else {},
     )
+
+
+def _zero_if_absent(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.zeros(table.num_rows)
+    return table[name].fill_null(0.0).to_numpy().astype(float)
 
 
 def _counts(column: pa.ChunkedArray) -> dict[str, int]:

@@ -123,9 +123,11 @@ def header_lines(job: JobData, summary: Summary | None) -> list[tuple[str, str]]
 
 def busy_explanation(idle_gap: float) -> str:
     return (
-        "Busy fraction of a replica: the sum of its rows' render_seconds (the worker's time for a row: "
-        "reading inputs, rendering, encoding and writing the output) divided by its active time. Active "
-        "time runs from the start of its first unit (finished_at minus the unit's render time) to its "
+        "Busy fraction of a replica: the sum of its rows' render_seconds (the pipeline's time for a row, "
+        "from prompt encoding to decoded pixels) divided by its active time. A row's reading of inputs, "
+        "encoding and storing (io_seconds) overlap the next unit's render, so they are not busy time. "
+        "Active time runs from the start of its first unit (finished_at minus the unit's render and I/O "
+        "time) to its "
         f"last finished_at, split wherever it finished nothing for more than {_duration(idle_gap)} "
         "(a stop between resumed runs, a rebuild), so that time between runs does not count. What is "
         "left below 100% is time the replica waited: for work, for the driver, for Ray."
@@ -158,7 +160,7 @@ def render_page(job: JobData, thumbnails: list[Thumbnail], idle_gap: float) -> s
         if job.replicas is None:
             parts.append(f'<p class="empty">{_e(_NO_REPLICAS)}</p>')
         else:
-            busy = replica_busy(job.finished, job.seconds, job.replicas, idle_gap)
+            busy = replica_busy(job.finished, job.seconds, job.replicas, idle_gap, job.io)
             figure = Figure(
                 figsize=(CHART_WIDTH_INCHES, _busy_height(len(busy))), dpi=DPI, layout="constrained"
             )
@@ -204,7 +206,7 @@ def render_png(job: JobData, thumbnails: list[Thumbnail], idle_gap: float) -> by
     summary = summarize(job, idle_gap)
     busy = None
     if summary is not None and job.replicas is not None:
-        busy = replica_busy(job.finished, job.seconds, job.replicas, idle_gap)
+        busy = replica_busy(job.finished, job.seconds, job.replicas, idle_gap, job.io)
     columns = 8
     sheet_rows = -(-len(thumbnails) // columns)
     heights = [

@@ -92,6 +92,7 @@ RESULT_COLUMNS = (
     Column(pa.field("sha256", pa.string()), lambda o: o.result.sha256),
     Column(pa.field("sample_key", pa.string()), None),
     Column(pa.field("render_seconds", pa.float64()), lambda o: o.result.render_seconds),
+    Column(pa.field("io_seconds", pa.float64()), lambda o: o.result.io_seconds),
     Column(pa.field("compile_seconds", pa.float64()), lambda o: o.result.compile_seconds),
     Column(pa.field("replica", pa.int64()), lambda o: o.replica),
     Column(pa.field("node", pa.string()), lambda o: o.result.node),
