@@ -39,10 +39,13 @@ from tests.chaos.progress import POLL_SECONDS, REMOTE_POLL_SECONDS, Watcher
 
 
 class Relay:
-    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target` while up; refuses connections while down."""
+    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target` while up; refuses connections while down.
+    With `delay`, each request waits that long before it is passed on, as a distant store's
+    round trip does (a client's bytes after the server's, or its first, begin a request)."""
 
-    def __init__(self, target: int):
+    def __init__(self, target: int, delay: float = 0.0):
         self.target = target
+        self.delay = delay
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
@@ -86,12 +89,16 @@ class Relay:
                 continue
             with self._lock:
                 self._open |= {client, server}
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            turn = {"answered": True}  # the server spoke last: the client's next bytes are a request
+            for a, b, request in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, request, turn), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, request: bool, turn: dict) -> None:
         try:
             while data := source.recv(65536):
+                if request and turn["answered"] and self.delay:
+                    time.sleep(self.delay)
+                turn["answered"] = not request
                 sink.sendall(data)
         except OSError:
             pass
@@ -104,12 +111,13 @@ class Relay:
 
 
 class FlakyStore:
-    """moto behind a Relay. `env` points clients at the relay; `direct` at moto itself."""
+    """moto behind a Relay (delaying each request by `delay`). `env` points clients at the relay;
+    `direct` at moto itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.moto_port = free_port()
         self.process: subprocess.Popen | None = None
-        self.relay = Relay(self.moto_port)
+        self.relay = Relay(self.moto_port, delay)
         self.outages: list[float] = []  # seconds each outage lasted
 
     def _env(self, port: int) -> dict[str, str]:
@@ -200,8 +208,8 @@ class Lines:
 
 
 @contextlib.contextmanager
-def flaky_store() -> Iterator[FlakyStore]:
-    store = FlakyStore()
+def flaky_store(delay: float = 0.0) -> Iterator[FlakyStore]:
+    store = FlakyStore(delay)
     store.start()
     store.relay.up()
     try:
@@ -214,7 +222,7 @@ def flaky_store() -> Iterator[FlakyStore]:
 # -- scenarios ---------------------------------------------------------------------------------
 
 
-def _location(store: FlakyStore, out: str):
+def direct_location(store: FlakyStore, out: str):
     """OUT as the test sees it: straight to moto, past the relay the job goes through, with the
     credentials in the URI (the process environment has none)."""
     bucket, _, prefix = out.removeprefix("s3://").partition("/")
@@ -243,7 +251,7 @@ def storage_outage(workdir: Path, rows: int = 60, outages: int = 2, steps: int =
     problems: list[str] = []
     with flaky_store() as store:
         make_bucket(store.env, "chaos")
-        location = _location(store, out)
+        location = direct_location(store, out)
         command = render_command(manifest, out, "--storage-timeout", "120", steps=steps)
         driver = subprocess.Popen(
             command,
@@ -302,7 +310,7 @@ def storage_outage_stops(workdir: Path, rows: int = 40, steps: int = STEPS) -> O
     problems: list[str] = []
     with flaky_store() as store:
         make_bucket(store.env, "chaos")
-        location = _location(store, out)
+        location = direct_location(store, out)
         command = render_command(manifest, out, "--storage-timeout", "4", steps=steps)
         env = {**os.environ, **store.env, **EVERY_LINE}
         driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

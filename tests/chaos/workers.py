@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -21,36 +22,51 @@ from pathlib import Path
 
 from PIL import Image
 
+from cogdist.storage import open_location
 from tests.chaos.harness import (
+    COMMIT_INTERVAL,
     ROOT,
     STEPS,
     Outcome,
     audit,
     chaos_manifest,
+    make_bucket,
+    patched_environ,
     render_command,
     rows_per_commit,
     settle_session,
     write_manifest,
 )
+from tests.chaos.outage import direct_location, flaky_store
 from tests.chaos.progress import POLL_SECONDS, RENDERING, Watcher, workers
 
 
 def _kill_workers(
-    command: list[str], out: str, kills: int, rng: random.Random, logs: Path, gap: tuple[int, int]
+    command: list[str],
+    location,
+    kills: int,
+    rng: random.Random,
+    logs: Path,
+    gap: tuple[int, int],
+    env: dict[str, str] | None = None,
+    stored: bool = False,
 ) -> tuple[list[str], int, str]:
     """Run the render and SIGKILL a worker busy rendering `kills` times, each once the index has
     grown by a random number of rows in `gap` since the start or the last kill, while a unit is in
-    flight (a worker in `render`, the index unchanged since the last look); let the run finish.
-    Returns (where each kill struck, exit code, the run's whole output)."""
-    from cogdist.storage import open_location
-
-    location = open_location(out)
+    flight (a worker in `render`, the index unchanged since the last look; `stored`: and outputs
+    stored that are not committed, a unit's uploads done or under way while the next renders);
+    let the run finish. Returns (where each kill struck, exit code, the run's whole output)."""
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "run.log"
     made: list[str] = []
     with open(log, "wb") as sink:
         driver = subprocess.Popen(
-            command, cwd=ROOT, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     sid = os.getsid(driver.pid)
     watcher = Watcher(location, sid)
@@ -63,11 +79,15 @@ def _kill_workers(
             watcher.look()
             if watcher.rows - last >= wanted and not watcher.changed:
                 busy = workers(sid, RENDERING)
-                if busy:
+                unstored = watcher.unindexed_outputs() if stored and busy else 0
+                if busy and (unstored or not stored):
                     victim = rng.choice(busy)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(victim.pid, signal.SIGKILL)
-                        made.append(f"+{watcher.rows - last} rows ({watcher.rows} indexed), unit in flight")
+                        uploads = f", {unstored} output(s) stored not committed" if stored else ""
+                        made.append(
+                            f"+{watcher.rows - last} rows ({watcher.rows} indexed), unit in flight{uploads}"
+                        )
                         last, wanted = watcher.rows, rng.randint(*gap)
             time.sleep(POLL_SECONDS)
         code = driver.wait(timeout=900)
@@ -86,20 +106,26 @@ def worker_kills(
     sp: int = 1,
     steps: int = STEPS,
     replicas: int | None = None,
+    slow_store: float = 0.0,
 ) -> Outcome:
     """SIGKILL a busy worker process `kills` times during one run: each time its replica is
     rebuilt and its unit re-queued; with --max-retries 0 any kill blamed on a row would show, and
     with the default --max-gang-restarts (3) a replica whose failures were counted over the
     whole run instead of in a row would be given up. With `sp` 2 the workers are gang members: a
     member killed mid-denoising breaks its peer's collective, and the gang is rebuilt as one.
-    `replicas` 1: one replica preempted again and again. `rows` defaults to what every kill needs
-    to land on a machine up to FASTEST times this one's speed."""
+    `replicas` 1: one replica preempted again and again. `slow_store`: OUT on the S3 server behind
+    a relay delaying every request by that many seconds, each kill struck while outputs are
+    stored but not committed (a worker stores a unit's outputs while it renders the next). `rows`
+    defaults to what every kill needs to land on a machine up to FASTEST times this one's speed."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     # With 2 replicas a re-queued unit waits behind the survivor's held units; one replica (or
     # gang) renders it first once rebuilt.
     gap = (1, 2) if sp > 1 or replicas == 1 else (4, 8)
-    needed = kills * (gap[1] + rows_per_commit()) + 1
+    # On the slow store a row takes at least two requests (store, verify): the store, not the
+    # machine, bounds the rows one commit holds.
+    per_commit = math.ceil(COMMIT_INTERVAL / (2 * slow_store)) + 1 if slow_store else rows_per_commit()
+    needed = kills * (gap[1] + per_commit) + 1
     rows = rows or needed
     manifest, ids = chaos_manifest(workdir / "manifest.parquet", rows)
     out = str(workdir / "out")
@@ -109,8 +135,19 @@ def worker_kills(
         command += ["--sp", str(sp), "--collective-timeout", "30"]
     if replicas is not None:
         command[command.index("--replicas") + 1] = str(replicas)
-    made, code, said = _kill_workers(command, out, kills, random.Random(seed), workdir / "logs", gap)
-    found = audit(out, ids)
+    rng, logs = random.Random(seed), workdir / "logs"
+    if slow_store:
+        with flaky_store(delay=slow_store) as store:
+            make_bucket(store.env, "chaos")
+            out = "s3://chaos/kills"
+            command[command.index("--out") + 1] = out
+            location = direct_location(store, out)
+            made, code, said = _kill_workers(command, location, kills, rng, logs, gap, store.env, stored=True)
+            with patched_environ(store.direct):
+                found = audit(out, ids)
+    else:
+        made, code, said = _kill_workers(command, open_location(out), kills, rng, logs, gap)
+        found = audit(out, ids)
     name, injected = "worker-kills", "SIGKILL of a worker process mid-render (--max-retries 0)"
     if sp > 1:
         name, injected = (
@@ -120,6 +157,9 @@ def worker_kills(
     elif replicas == 1:
         name = "preemptions"
         injected = "the one replica's worker SIGKILLed after each stretch of progress (default --max-gang-restarts 3)"
+    if slow_store:
+        name += "-storing"
+        injected += f", outputs stored not committed, on the S3 server {slow_store:g} s away"
     outcome = found.outcome(
         name,
         injected,
@@ -139,10 +179,14 @@ def gang_member_kills(workdir: Path, steps: int = STEPS) -> Outcome:
     return worker_kills(workdir, kills=3, seed=11, sp=2, steps=steps)
 
 
-def preemptions(workdir: Path, kills: int = 10, steps: int = STEPS, rows: int | None = None) -> Outcome:
+def preemptions(
+    workdir: Path, kills: int = 10, steps: int = STEPS, rows: int | None = None, slow_store: float = 0.0
+) -> Outcome:
     """One replica preempted `kills` times over a run, each after progress: it is rebuilt every
     time (a rendered unit resets its count of failures in a row), and the job ends with exit 0."""
-    return worker_kills(workdir, kills=kills, seed=13, steps=steps, replicas=1, rows=rows)
+    return worker_kills(
+        workdir, kills=kills, seed=13, steps=steps, replicas=1, rows=rows, slow_store=slow_store
+    )
 
 
 def poison_rows(workdir: Path, rows: int = 24, poisoned: int = 4) -> Outcome:
