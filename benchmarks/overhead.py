@@ -1,13 +1,13 @@
 """Framework overhead: cogdist against a plain single-process diffusers loop, same rows, same PNGs.
 
-    python -m benchmarks.overhead [--rows 64] [--size 512] [--steps 6] [--rounds 3]
+    python -m benchmarks.overhead [--rows 64] [--size 512] [--steps 6] [--rounds 5] [--replicas 1,2]
 
 Renders the rows with the stock `CogView4Pipeline` in a loop (the tiny-cogview4 weights, CPU
 generator per row, PNG written with Pillow), then with `cogdist.render` at replicas=1 and
 replicas=2 on an embedded Ray instance. cogdist's steady state is its wall time after the first
-replica was ready (Ray start and model load are reported separately); the goal is <= 1.10x the
-loop. A shared 2-core machine is noisy, so the three are run in interleaved rounds and the
-medians compared. Results go to benchmarks/results/overhead.json.
+replica was ready (Ray start and model load are reported separately); the goal is <= 1.03x the
+loop. A shared 2-core machine is noisy (single rounds vary 1.01-1.30x), so they are run in at
+least 5 interleaved rounds and the medians compared. Results go to benchmarks/results/overhead.json.
 """
 
 from __future__ import annotations
@@ -83,11 +83,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--replicas", default="1,2", help="replica counts to run, comma-separated")
     args = parser.parse_args()
+    counts = [int(n) for n in args.replicas.split(",")]
 
     loops: list[float] = []
-    runs: dict[str, list[dict]] = {"replicas=1": [], "replicas=2": []}
+    runs: dict[str, list[dict]] = {f"replicas={n}": [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = make_manifest(work / "m.parquet", args.rows, args.size, args.steps)
@@ -97,7 +99,7 @@ def main() -> None:
             print(
                 f"round {round_}: plain loop {seconds:.2f}s ({args.rows / seconds:.2f} items/s)", flush=True
             )
-            for replicas in (1, 2):
+            for replicas in counts:
                 result, images = cogdist_run(
                     work / "m.parquet", work / f"cogdist-{replicas}-{round_}", replicas
                 )
@@ -118,12 +120,12 @@ def main() -> None:
         "cogdist": runs,
         "cogdist_median_steady_seconds": steady,
         "overhead_ratio_replicas1": round(steady["replicas=1"] / loop_median, 3),
-        "speedup_replicas2_vs_replicas1": round(steady["replicas=1"] / steady["replicas=2"], 3),
         "all_outputs_identical_to_loop": all(r["identical_to_loop"] for rs in runs.values() for r in rs),
-        "goal": "cogdist replicas=1 steady <= 1.10 x loop",
+        "goal": "cogdist replicas=1 steady <= 1.03 x loop (medians of >= 5 interleaved rounds)",
     }
+    if "replicas=2" in steady:
+        result["speedup_replicas2_vs_replicas1"] = round(steady["replicas=1"] / steady["replicas=2"], 3)
     print(f"overhead ratio (median steady, replicas=1): {result['overhead_ratio_replicas1']}")
-    print(f"replicas=2 speed-up over replicas=1: {result['speedup_replicas2_vs_replicas1']}")
     print(f"saved {save('overhead', result)}")
 
 
