@@ -18,29 +18,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 import cogdist
 from benchmarks.common import save, timings
+from benchmarks.overhead import make_manifest
 from tests.chaos.harness import make_bucket, patched_environ
 from tests.chaos.outage import flaky_store
-
-
-def make_manifest(path: Path, rows: int, size: int, steps: int) -> Path:
-    data = [
-        {
-            "id": f"io-{i:04d}",
-            "prompt": f"a lighthouse on a cliff at dusk, view {i}",
-            "seed": i,
-            "width": size,
-            "height": size,
-            "num_inference_steps": steps,
-        }
-        for i in range(rows)
-    ]
-    pq.write_table(pa.Table.from_pylist(data), path)
-    return path
 
 
 def run(manifest: Path, env: dict[str, str], out: str) -> dict:
@@ -61,7 +43,8 @@ def main() -> None:
 
     runs: dict[str, list[dict]] = {"direct": [], "delayed": []}
     with tempfile.TemporaryDirectory() as tmp, flaky_store(delay=args.delay) as store:
-        manifest = make_manifest(Path(tmp) / "m.parquet", args.rows, args.size, args.steps)
+        manifest = Path(tmp) / "m.parquet"
+        make_manifest(manifest, args.rows, args.size, args.steps)
         make_bucket(store.direct, "bench")
         os.environ.pop("RAY_ADDRESS", None)
         for round_ in range(args.rounds):
