@@ -204,13 +204,17 @@ def probe(address: str, env: dict[str, str], timeout: float = 60.0) -> dict:
     bundles, or None if nobody ever called request_resources), "autoscaler_reported": whether the
     autoscaler has finished a round, "autoscaler_error": its last error or None, "nodes": the
     alive nodes, as `alive_nodes` lists them}."""
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE, address],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    for attempt in range(3):
+        # A GCS busy on 2 loaded cores can miss a fresh client's 30 s connect: ask again.
+        result = subprocess.run(
+            [sys.executable, "-c", _PROBE, address],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if result.returncode == 0 or "waiting for GCS to become available" not in result.stderr:
+            break
     if result.returncode != 0:
         raise RuntimeError(f"could not read the GCS at {address}: {result.stderr[-2000:]}")
     return json.loads(result.stdout.splitlines()[-1])

@@ -94,13 +94,15 @@ def test_sigkill_mid_run_then_resume_indexes_every_id_once(tmp_path, where, requ
     committed = kill_after_first_commit(command, out)
     assert 0 < committed < 24
 
+    # index/ may lag the journal by one fold (the kill can fall between them), but it never
+    # shows an id twice, and what it shows is committed.
     after_kill, _ = read_table(out)
-    assert after_kill.num_rows >= committed
+    assert after_kill.num_rows <= committed
     assert len(set(after_kill["id"].to_pylist())) == after_kill.num_rows  # exactly once, even now
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{after_kill.num_rows} already done" in resumed.stdout
+    assert f"{committed} already done" in resumed.stdout  # the journal's rows count as done
 
     table, location = read_table(out)
     ids = table["id"].to_pylist()
