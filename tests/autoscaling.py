@@ -204,7 +204,7 @@ def probe(address: str, env: dict[str, str], timeout: float = 60.0) -> dict:
     bundles, or None if nobody ever called request_resources), "autoscaler_reported": whether the
     autoscaler has finished a round, "autoscaler_error": its last error or None, "nodes": the
     alive nodes, as `alive_nodes` lists them}."""
-    for attempt in range(3):
+    for _ in range(3):
         # A GCS busy on 2 loaded cores can miss a fresh client's 30 s connect: ask again.
         result = subprocess.run(
             [sys.executable, "-c", _PROBE, address],

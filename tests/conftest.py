@@ -23,6 +23,10 @@ from tests.chaos.harness import free_port, wait_for_port  # noqa: F401  (used by
 # The tests never reach the Hugging Face Hub (there is no network here): a lookup fails at once
 # instead of after a network timeout. Set before huggingface_hub is imported, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Inductor compiles in one thread: on 2 busy cores its pool of compile subprocesses (each
+# importing torch, alive for the process's life) costs more CPU than it saves. Every process of
+# the suite inherits it: render subprocesses, Ray's workers, the shared head's.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,16 +171,55 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+_heads = contextlib.ExitStack()
+_shared_head = None
+
+
+def shared_ray_address() -> str:
+    """The address of this test process's Ray head (`ray start --head`, token auth, as many CPUs
+    as the machine, as the embedded instance has), started on first use. Its nodes hold the test
+    store's credentials, as a real cluster's would, but not its endpoint: the driver names it."""
+    global _shared_head
+    if _shared_head is None:
+        from tests.ray_head import ray_head
+
+        nodes = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        nodes.update(
+            AWS_ACCESS_KEY_ID=S3_KEY,
+            AWS_SECRET_ACCESS_KEY=S3_SECRET,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        _shared_head = _heads.enter_context(ray_head(os.cpu_count() or 1, dashboard=False, env=nodes))
+    return _shared_head.address
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _heads.close()  # in each test process: its shared head, if it started one
+
+
+def driver_env(env: dict | None = None, *, own_ray: bool = False) -> dict[str, str]:
+    """The environment of a render driver subprocess: os.environ and `env`, joining this test
+    process's shared Ray head unless `own_ray` (the driver starts its embedded instance)."""
+    joined = {} if own_ray else {"RAY_ADDRESS": shared_ray_address(), "RAY_AUTH_MODE": "token"}
+    return {**os.environ, **joined, **(env or {})}
+
+
 def cli(
-    *args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+    *args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None, own_ray: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run `python -m cogdist ARGS` in a subprocess, as a user would."""
+    """Run `python -m cogdist ARGS` in a subprocess, as a user would. A render joins the test
+    process's shared Ray head (see `driver_env`) unless `own_ray`, or `env` names a cluster."""
+    # Only a render starts Ray, and one that names its cluster joins that one.
+    joins = (
+        bool(args) and args[0] == "render" and "--address" not in args and "RAY_ADDRESS" not in (env or {})
+    )
     return subprocess.run(
         [sys.executable, "-m", "cogdist", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=driver_env(env, own_ray=own_ray or not joins),
         cwd=cwd or ROOT,
     )
 
@@ -229,20 +272,23 @@ def probe_mp4(path) -> tuple[dict, np.ndarray]:
     return meta, frames
 
 
-def kill_after_first_commit(command: list[str], out: str) -> int:
+def kill_after_first_commit(command: list[str], out: str, env: dict[str, str] | None = None) -> int:
     """Start a render driver in a session of its own, SIGKILL it once OUT's index has rows, and
     check that nothing of it outlives it (the reaper ends Ray's lingering agents too).
     Returns the rows committed before the kill."""
-    kill_driver_when(command, lambda: committed_rows(out) > 0)
+    kill_driver_when(command, lambda: committed_rows(out) > 0, env=env)
     return committed_rows(out)
 
 
-def kill_driver_when(command: list[str], ready, seconds: float = 300) -> None:
+def kill_driver_when(
+    command: list[str], ready, seconds: float = 300, env: dict[str, str] | None = None
+) -> None:
     """Start a render driver in a session of its own, SIGKILL it as soon as `ready()` (a point of
     the job's progress, such as rows in the index) is true, and check that nothing of it outlives
-    it. `seconds` only bounds a job that never gets there (a hang), it never chooses the moment."""
+    it. `seconds` only bounds a job that never gets there (a hang), it never chooses the moment.
+    The driver's environment is `env` (os.environ by default: its own embedded Ray)."""
     driver = subprocess.Popen(
-        command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     sid = os.getsid(driver.pid)
     try:

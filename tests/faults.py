@@ -154,9 +154,13 @@ def choosing_differently(marker_dir: Path, other: str) -> type:
     """A worker that, given --attention-backend auto, chooses `other` unless it is the first to
     start its setup (as a worker on a node with another GPU or packages would); each setup leaves
     a file in `marker_dir` named after the backend it was given, each unit one named after the
-    backend it renders with. The first worker's first unit waits until another worker's setup
-    has ended (bounded), so that the job still has rows when the other worker's choice arrives,
-    however fast the first renders."""
+    backend it renders with. The first worker's first unit waits (bounded) until the driver has
+    started the other worker again with the job's choice (a setup given something other than
+    auto), so that the job still has rows when the other worker's choice arrives, however fast
+    the first renders and however late the driver hears of the other's setup."""
+
+    def restarted(folder) -> bool:
+        return any(not p.name.startswith("setup-auto-") for p in Path(folder).glob("setup-*"))
 
     class ChoosingDifferently(RenderWorker):
         def _setup(self, address):
@@ -178,7 +182,7 @@ def choosing_differently(marker_dir: Path, other: str) -> type:
             if self.first:
                 self.first = False
                 deadline = time.monotonic() + 300  # a bound, not a pace
-                while len(list(Path(marker_dir).glob("ready-*"))) < 2 and time.monotonic() < deadline:
+                while not restarted(marker_dir) and time.monotonic() < deadline:
                     time.sleep(0.1)
             (Path(marker_dir) / f"render-{self.chosen}-{unit.unit_id}").touch()
             return super().render(unit)

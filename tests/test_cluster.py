@@ -3,124 +3,34 @@ submitting the jobs/ entry points to it with `ray job submit`, and a Python driv
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import (
-    ROOT,
-    cli,
-    free_port,
-    reap_session,
-    wait_for_port,
-    write_manifest,
-)
+from tests.conftest import ROOT, cli, write_manifest
+from tests.ray_head import RAY, TOKEN_AUTH, Head, ray_status
+from tests.ray_head import ray_head as start_ray_head
 
 # One test process starts the module's Ray head and runs every test that joins it.
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray-head")]
 
-RAY = Path(sys.executable).with_name("ray")
-# Token auth on, as users' clusters have it (Ray 2.60): the head and every client read the
-# token from ~/.ray/auth_token, which conftest makes sure exists.
-TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
 RAY_ENV = {**os.environ, **TOKEN_AUTH}
 FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 
 
-@dataclass(frozen=True)
-class Head:
-    address: str  # GCS, for drivers: HOST:PORT
-    dashboard: str  # job server, for `ray job`: http://HOST:PORT
-
-
-def ray_status(address: str) -> subprocess.CompletedProcess:
-    """`ray status` against the test cluster, sending its token."""
-    return subprocess.run(
-        [str(RAY), "status", "--address", address], capture_output=True, text=True, timeout=120, env=RAY_ENV
-    )
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
-    temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")  # short: it holds Unix sockets
-    # The venv's bin first on PATH, as on a node whose image has cogdist's Python: a submitted
-    # entry point `python jobs/render.py` finds the interpreter the head runs.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    head = subprocess.Popen(
-        [
-            str(RAY),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--num-cpus",
-            "2",
-            # The dashboard holds the job server `ray job submit` talks to. Free ports for it, its
-            # agent and the client server: other test runs may have a head on this machine.
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard_port),
-            "--dashboard-agent-listen-port",
-            str(agent_port),
-            "--ray-client-server-port",
-            str(client_port),
-            "--disable-usage-stats",
-            # A temp dir of its own: a submitted job's driver finds its cluster as Ray's "auto"
-            # (the job supervisor resolves it from TEMP_DIR/ray_current_cluster), which in the
-            # shared /tmp/ray names whichever Ray another test process started last.
-            "--temp-dir",
-            temp_dir,
-        ],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**RAY_ENV, "PATH": path},
-    )
-    address = f"127.0.0.1:{port}"
-    # `ray status` blocks for a long time while GCS is not up: wait for its ports first (the
-    # job server hands jobs to the head's agent).
-    for name, listening in (("GCS", port), ("dashboard", dashboard_port), ("agent", agent_port)):
-        if not wait_for_port(listening, 60):
-            reap_session(os.getsid(head.pid))
-            raise RuntimeError(
-                f"`ray start --head` did not open its {name} port 127.0.0.1:{listening} within 60 s: "
-                "the test needs free loopback ports (Ray's workers also take 10002-19999)"
-            )
-    for _ in range(20):  # GCS answers before the cluster is fully up
-        probe = ray_status(address)
-        if probe.returncode == 0:
-            break
-        time.sleep(1)
-    else:
-        reap_session(os.getsid(head.pid))
-        raise RuntimeError(f"ray head did not start: {probe.stderr[-500:]}")
-    yield Head(address, f"http://127.0.0.1:{dashboard_port}")
-    sid = os.getsid(head.pid)
-    # SIGTERM to `ray start --block` alone: it stops its processes in ~5 s. Sent to the whole
-    # session, it hangs among its killed children until the reaper below.
-    head.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=20)
-    reap_session(sid)  # what outlives the head (the jobs' workers): SIGKILL
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    """The module's head: 2 CPUs and the dashboard, whose job server `ray job submit` talks to."""
+    with start_ray_head(2, dashboard=True) as head:
+        yield head
 
 
 def test_render_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head):

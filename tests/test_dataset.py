@@ -22,7 +22,7 @@ from cogdist.errors import ResumeConflictError, UsageError
 from cogdist.reporting.thumbnails import read_thumbnails
 from cogdist.sink.dataset import read_sample
 from cogdist.storage import open_location
-from tests.conftest import committed_rows, kill_driver_when, probe_mp4, write_manifest
+from tests.conftest import committed_rows, driver_env, kill_driver_when, probe_mp4, write_manifest
 
 
 def rows(n: int, start: int = 0) -> list[dict]:
@@ -128,11 +128,11 @@ def test_webdataset_is_exactly_once_through_a_killed_driver(tmp_path):
     command = [sys.executable, "-m", "cogdist", "render", str(manifest), "--model", "tiny-cogview4"]
     command += ["--out", str(out), "--dataset", "webdataset", "--shard-size", "3", "--replicas", "1"]
     command += ["--no-progress"]
-    kill_driver_when(command, lambda: committed_rows(str(out)) >= 3)
+    kill_driver_when(command, lambda: committed_rows(str(out)) >= 3, env=driver_env())
     assert 3 <= committed_rows(str(out)) < 12
     import subprocess
 
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, env=driver_env(), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
 
     shards = tar_members(out)

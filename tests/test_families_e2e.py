@@ -17,7 +17,15 @@ import pytest
 from PIL import Image
 
 from cogdist.sink.encode import encode_video
-from tests.conftest import ROOT, cli, kill_after_first_commit, probe_mp4, read_table, write_manifest
+from tests.conftest import (
+    ROOT,
+    cli,
+    driver_env,
+    kill_after_first_commit,
+    probe_mp4,
+    read_table,
+    write_manifest,
+)
 from tests.inprocess import render_in_process
 
 pytestmark = pytest.mark.e2e
@@ -224,10 +232,13 @@ def test_control_video_job_killed_mid_run_resumes_with_every_id_once(tmp_path, i
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "cogdist", "render", str(manifest), "--model", "tiny-cogvideox-fun"]
     command += ["--out", out, "--no-progress", *ONE_REPLICA]
-    assert 0 < kill_after_first_commit(command, out) < n
+    # The driver joins a running cluster, whose workers outlive it until Ray ends its actors.
+    committed = kill_after_first_commit(command, out, env=driver_env())
+    assert 0 < committed < n
 
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command, cwd=ROOT, env=driver_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"{committed} already done" in resumed.stdout  # the journal's rows count as done
     table, location = read_table(out)
     assert sorted(table["id"].to_pylist()) == [f"pose/{i:02d}" for i in range(n)]  # every id, once
     for row in table.to_pylist():

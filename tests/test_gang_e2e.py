@@ -27,15 +27,16 @@ def pixels(out, table, item_id: str, column: str = "path") -> np.ndarray:
     return np.asarray(Image.open(f"{out}/{row[column]}"), dtype=int)
 
 
-def test_sp2_and_cfg_parallel_renders_match_one_gpu(ray_session, tmp_path):
-    """--sp 2 --cfg-parallel with the blocks compiled (--compile), through the engine on the
-    session's Ray, against the rows rendered alone by one in-process worker (the video gang test
-    runs the CLI's flags; tests/test_parallel_render.py each layout alone)."""
+def test_sp2_with_compiled_blocks_renders_match_one_gpu(ray_session, tmp_path):
+    """--sp 2 with the blocks compiled (--compile), through the engine on the session's Ray,
+    against the rows rendered alone by one in-process worker. A gang of two: each rank compiles
+    on its own, and --cfg-parallel only halves the batch the compiled blocks see (the video gang
+    test runs --sp 2 --cfg-parallel through the CLI; tests/test_parallel_render.py each layout)."""
     manifest = write_manifest(tmp_path / "m.parquet", rows(3))
     reference = render_in_process(rows(3), "tiny-cogview4", tmp_path / "sp1", steps=3)
     out = tmp_path / "gang"
     options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), replicas=1, steps=3, sp=2, cfg_parallel=True, compile=True
+        str(manifest), "tiny-cogview4", str(out), replicas=1, steps=3, sp=2, compile=True
     )
     summary = engine.run(replace(options, progress=False))
     assert summary.ok, summary.describe()
@@ -62,6 +63,7 @@ def test_video_gang_with_cfg_parallel_matches_one_gpu(tmp_path):
         "--sp",
         "2",
         "--cfg-parallel",
+        own_ray=True,  # a gang of 4: the embedded instance takes that many CPUs, the shared head has 2
     )
     assert done.returncode == 0, done.stderr
     render_in_process(rows(1), "tiny-cogvideox", tmp_path / "sp1", steps=2, frames=9, save_frames=True)

@@ -87,6 +87,7 @@ def test_a_cli_run_with_credentials_in_its_uris_shows_them_nowhere(
         *("render", manifest, "--model", "tiny-glm-image", "--out", out),
         *("--steps", "2", "--max-retries", "0", "--replicas", "1"),
         env={"RAY_TMPDIR": str(ray_tmpdir)},
+        own_ray=True,  # the logs of its Ray session, under RAY_TMPDIR, are searched below
     )
     assert render.returncode == 1, render.stderr  # the row whose input is missing failed
     assert f"s3://{s3_bucket}/run" in render.stdout and "missing.png" in render.stderr

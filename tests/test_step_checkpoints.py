@@ -16,7 +16,15 @@ import torch
 from cogdist.models.cogvideox import runner as cogvideox
 from cogdist.storage import open_location
 from cogdist.worker.checkpoint import CHECKPOINTS, StepCheckpoints, checkpoint_path
-from tests.conftest import cli, committed_rows, kill_driver_when, probe_mp4, read_table, write_manifest
+from tests.conftest import (
+    cli,
+    committed_rows,
+    driver_env,
+    kill_driver_when,
+    probe_mp4,
+    read_table,
+    write_manifest,
+)
 from tests.inprocess import render_in_process
 from tests.test_cogvideox import TASKS, pipe_of, row
 
@@ -164,7 +172,7 @@ def test_a_driver_killed_mid_item_resumes_from_the_checkpoint_and_equals_an_unin
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cogdist", "render", str(manifest), "--out", str(out), *settings]
     # The kill waits for the item's progress: step 6 of 20 saved.
-    kill_driver_when(command, lambda: saved_step(out / CHECKPOINTS) >= 6)
+    kill_driver_when(command, lambda: saved_step(out / CHECKPOINTS) >= 6, env=driver_env())
     killed_at = saved_step(out / CHECKPOINTS)
     assert committed_rows(str(out)) == 0, "the item finished before the kill"
 
