@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from cogdist.engine.loop import render_time
 from cogdist.failures import FailurePolicy, RowCharge
 from cogdist.scheduler import Scheduler
-from cogdist.work import WorkItem, WorkUnit
+from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
 from cogdist.worker.overlap import OutputBuffer, Turnstile
 from tests.inprocess import in_process_worker
 
@@ -95,6 +96,29 @@ class HeldStore:
             self.writing.set()
             assert self.release.wait(BOUND), "the test never released the write"
         self.location.write_bytes(rel, data, **kwargs)
+
+
+def test_the_driver_learns_a_units_render_time_not_its_storing():
+    """A unit that stored its outputs for 5 s behind 0.5 s of rendering is expected to take 0.5 s
+    the next time (storing runs behind the next render, so a slow store keeps the queue full);
+    one whose rows failed before the pipeline counts its wall time."""
+    stored_slowly = UnitResult(
+        1,
+        (
+            ItemResult("a", ok=True, render_seconds=0.2, compile_seconds=0.1, io_seconds=5.0),
+            ItemResult("b", ok=True, render_seconds=0.2, io_seconds=5.0),
+        ),
+        seconds=5.5,
+    )
+    assert render_time(stored_slowly) == pytest.approx(0.5)
+    items = [(WorkItem(f"r{i}", "p", None, i, 64, 64, 4, 5.0, None, f"o/r{i}.png"), {}) for i in range(4)]
+    scheduler = Scheduler(iter(items), batch_size=2)
+    first, second = scheduler.next_unit(), scheduler.next_unit()
+    done = (ItemResult("r0", ok=True), ItemResult("r1", ok=True))
+    scheduler.complete(first.unit_id, done, render_time(stored_slowly))
+    assert scheduler.expected_seconds(second.unit_id) == pytest.approx(0.5)  # 0.25 s a row, 2 rows
+    failed_early = UnitResult(2, (ItemResult("c", ok=False, error="unreadable input"),), seconds=0.3)
+    assert render_time(failed_early) == pytest.approx(0.3)
 
 
 def test_the_next_unit_renders_while_the_last_stores_and_a_slow_store_holds_renders_back(tmp_path):

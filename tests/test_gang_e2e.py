@@ -35,9 +35,7 @@ def test_sp2_with_compiled_blocks_renders_match_one_gpu(ray_session, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", rows(3))
     reference = render_in_process(rows(3), "tiny-cogview4", tmp_path / "sp1", steps=3)
     out = tmp_path / "gang"
-    options = RenderOptions(
-        str(manifest), "tiny-cogview4", str(out), replicas=1, steps=3, sp=2, compile=True
-    )
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(out), replicas=1, steps=3, sp=2, compile=True)
     summary = engine.run(replace(options, progress=False))
     assert summary.ok, summary.describe()
     assert summary.compile_seconds > 0

@@ -122,7 +122,8 @@ class Scheduler:
     def complete(
         self, unit_id: int, results: tuple[ItemResult, ...], seconds: float | None = None
     ) -> tuple[list[Finished], list[Failed]]:
-        """Settle a unit from its rows' results; `seconds` (its wall time) informs expected_seconds."""
+        """Settle a unit from its rows' results; `seconds` (how long it held the replica's
+        renderer, `engine.loop.render_time`) informs expected_seconds."""
         issued = self._in_flight.pop(unit_id)
         if seconds is not None and issued:
             shape, per_row = issued[0].item.shape, seconds / len(issued)
