@@ -125,3 +125,12 @@ class UnitResult:
     its turn (the render of a unit before it)."""
     step_seconds: tuple[float, ...] = ()
     """Time of each denoising step after the first, of each pipeline call (for metrics)."""
+
+    @property
+    def render_time(self) -> float:
+        """How long the unit held its replica's renderer: its rows' pipeline and compile time,
+        what the driver's prefetch estimate learns. Their storing runs behind the next render, so
+        a slow store must not stop the driver queueing units. A unit whose rows never reached the
+        pipeline (they failed before it) counts its wall time."""
+        rendering = sum(item.render_seconds + item.compile_seconds for item in self.items)
+        return rendering if rendering > 0 else self.seconds

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from cogdist.engine.loop import render_time
 from cogdist.failures import FailurePolicy, RowCharge
 from cogdist.scheduler import Scheduler
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
@@ -110,15 +109,15 @@ def test_the_driver_learns_a_units_render_time_not_its_storing():
         ),
         seconds=5.5,
     )
-    assert render_time(stored_slowly) == pytest.approx(0.5)
+    assert stored_slowly.render_time == pytest.approx(0.5)
     items = [(WorkItem(f"r{i}", "p", None, i, 64, 64, 4, 5.0, None, f"o/r{i}.png"), {}) for i in range(4)]
     scheduler = Scheduler(iter(items), batch_size=2)
     first, second = scheduler.next_unit(), scheduler.next_unit()
     done = (ItemResult("r0", ok=True), ItemResult("r1", ok=True))
-    scheduler.complete(first.unit_id, done, render_time(stored_slowly))
+    scheduler.complete(first.unit_id, done, stored_slowly.render_time)
     assert scheduler.expected_seconds(second.unit_id) == pytest.approx(0.5)  # 0.25 s a row, 2 rows
     failed_early = UnitResult(2, (ItemResult("c", ok=False, error="unreadable input"),), seconds=0.3)
-    assert render_time(failed_early) == pytest.approx(0.3)
+    assert failed_early.render_time == pytest.approx(0.3)
 
 
 def test_the_next_unit_renders_while_the_last_stores_and_a_slow_store_holds_renders_back(tmp_path):

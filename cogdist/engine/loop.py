@@ -29,7 +29,6 @@ from cogdist.progress import Progress
 from cogdist.scheduler import Finished, Scheduler
 from cogdist.scheduler.pending import PendingSet
 from cogdist.sink import SINKS
-from cogdist.work import UnitResult
 from cogdist.worker.attention import AUTO
 
 COMMIT_ROWS = 1000  # commit early when this many rows are waiting
@@ -236,7 +235,7 @@ class RenderLoop:
         self.policy.rendered(replica.index)
         self.metrics.steps(result.step_seconds)
         self._record(
-            *self.scheduler.complete(unit_id, result.items, render_time(result)), replica=replica.index
+            *self.scheduler.complete(unit_id, result.items, result.render_time), replica=replica.index
         )
 
     def _renders_with_the_jobs_attention(self, replica: Replica, chosen: str) -> bool:
@@ -456,12 +455,3 @@ class RenderLoop:
                 "be rendered again; run the same command again to resume once the store is reachable."
             ) from None
         self.last_commit = time.perf_counter()
-
-
-def render_time(result: UnitResult) -> float:
-    """How long a unit held its replica's renderer: its rows' pipeline and compile time. Their
-    storing runs in the background, behind the next render, so a slow store must not make the
-    driver stop queueing units behind it. A unit whose rows never reached the pipeline (they
-    failed before it) counts its wall time."""
-    rendering = sum(item.render_seconds + item.compile_seconds for item in result.items)
-    return rendering if rendering > 0 else result.seconds

@@ -123,7 +123,7 @@ class Scheduler:
         self, unit_id: int, results: tuple[ItemResult, ...], seconds: float | None = None
     ) -> tuple[list[Finished], list[Failed]]:
         """Settle a unit from its rows' results; `seconds` (how long it held the replica's
-        renderer, `engine.loop.render_time`) informs expected_seconds."""
+        renderer, `UnitResult.render_time`) informs expected_seconds."""
         issued = self._in_flight.pop(unit_id)
         if seconds is not None and issued:
             shape, per_row = issued[0].item.shape, seconds / len(issued)
