@@ -154,7 +154,7 @@ def choosing_differently(marker_dir: Path, other: str) -> type:
     """A worker that, given --attention-backend auto, chooses `other` unless it is the first to
     start its setup (as a worker on a node with another GPU or packages would); each setup leaves
     a file in `marker_dir` named after the backend it was given, each unit one named after the
-    backend it renders with. The first worker's first unit waits (bounded) until the driver has
+    backend it renders with. Each worker's first unit waits (bounded) until the driver has
     started the other worker again with the job's choice (a setup given something other than
     auto), so that the job still has rows when the other worker's choice arrives, however fast
     the first renders and however late the driver hears of the other's setup."""
@@ -179,8 +179,10 @@ def choosing_differently(marker_dir: Path, other: str) -> type:
             return info
 
         def render(self, unit):
-            if self.first:
-                self.first = False
+            # Whichever worker renders first (the one whose choice is the job's, first to start
+            # its setup or not) waits for the other's restart.
+            if not getattr(self, "waited", False):
+                self.waited = True
                 deadline = time.monotonic() + 300  # a bound, not a pace
                 while not restarted(marker_dir) and time.monotonic() < deadline:
                     time.sleep(0.1)
