@@ -36,7 +36,6 @@ from tests.chaos.progress import (
     KillPlan,
     Watcher,
     count_rows,
-    ids_shown_twice,
     session_processes,
 )
 
@@ -627,7 +626,10 @@ def kill_repeatedly(
         record.seen.append(seen)
         record.moments.append(round(moment, 2))
         record.rows.append(count_rows(location))
-        if twice := ids_shown_twice(location):  # exactly once at every moment, not only at the end
+        # Exactly once at every moment, not only at the end: index/ as a user reads it now.
+        index = _table(location, INDEX, record.problems)
+        shown = Counter(index.column("id").to_pylist()) if index is not None else Counter()
+        if twice := sorted(str(i) for i, n in shown.items() if n > 1):
             record.problems.append(f"kill {record.kills}: index/ shows ids twice: {twice[:5]}")
         record.settle_seconds.append(round(_settle(sid, grace, f"kill {record.kills}", record), 1))
         say(f"  kill {record.kills}/{kills}: {point.describe()} ({seen}) at {moment:.1f}s")

@@ -67,21 +67,6 @@ def count_rows(location: Location) -> int:
         return 0
 
 
-def ids_shown_twice(location: Location) -> list[str]:
-    """Ids that a plain `pyarrow.dataset` reader of OUT/index sees more than once right now."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    try:
-        ids = ds.dataset(location.path(INDEX), filesystem=location.fs, format="parquet").to_table(
-            columns=["id"]
-        )
-    except (FileNotFoundError, OSError):
-        return []
-    counts = pc.value_counts(ids["id"])
-    return [str(c["values"]) for c in counts.to_pylist() if c["counts"] > 1]
-
-
 def count_parts(location: Location, folder: str = INDEX) -> int:
     """Parts of index/ (or of the journal): one LIST, cheap enough to poll, even on S3."""
     try:
