@@ -127,6 +127,13 @@ class RenderOptions:
         record=null_at(1),
     )
     batch_size: int = option("rows of one shape per pipeline call (default %(default)s)", 1, kind=RECORDED)
+    prior_batch: int = option(
+        "GLM-Image: sample the AR prior of up to N rows of a unit together (default %(default)s)",
+        1,
+        kind=RECORDED,
+        worker=True,
+        metavar="N",
+    )
     max_in_flight: int = option("units queued per replica (default %(default)s)", 2, kind=RECORDED)
     max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
     max_gang_restarts: int = option(
@@ -361,6 +368,7 @@ class RenderOptions:
             "--max-replicas": self.max_replicas if self.max_replicas is not None else 1,
         }
         check_layout(spec, self.sp, self.cfg_parallel)
+        spec.check_prior_batch(self.prior_batch, self.batch_size)
         if self.device not in DEVICES:
             raise UsageError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
         if self.max_retries < 0:

@@ -5,6 +5,7 @@ independence, mixed-shape manifests, resume after a kill."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cogdist.sink.encode import encode_video
+from cogdist.sink.job import JOB_RECORD
 from tests.conftest import (
     ROOT,
     cli,
@@ -270,6 +272,8 @@ def test_glm_image_text_and_image_to_image_with_bad_inputs(tmp_path, inputs):
         "--no-progress",
         "--batch-size",
         "2",
+        "--prior-batch",
+        "2",
         "--max-retries",
         "0",
         *ONE_REPLICA,
@@ -286,11 +290,13 @@ def test_glm_image_text_and_image_to_image_with_bad_inputs(tmp_path, inputs):
         images[item_id] = np.asarray(Image.open(io.BytesIO(location.read_bytes(row["path"]))))
         assert images[item_id].shape == (row["height"], row["width"], 3)
     assert images["t2i/wide"].shape == (32, 96, 3)
+    assert json.loads(location.read_bytes(JOB_RECORD))["recorded"]["prior_batch"] == 2
     failures, _ = read_table(out, "failures")
     errors = {row["id"]: row["error"] for row in failures.to_pylist()}
     assert "corrupt.png cannot be decoded" in errors["i2i/corrupt"]
     assert "is 20x20: GLM-Image needs sides of at least 32 pixels" in errors["i2i/tiny"]
 
-    # Alone (one worker, as a replica runs it), the row batched with t2i/plain renders the same image.
+    # Alone (one worker, as a replica runs it, the prior unbatched), the row batched with t2i/plain
+    # (its prior too) renders the same image.
     alone = render_in_process([rows[0]], "tiny-glm-image", tmp_path / "alone")
     assert np.abs(alone["t2i/sign"].astype(int) - images["t2i/sign"]).max() <= 1

@@ -193,6 +193,8 @@ class ModelSpec:
     """Attention heads of the transformer (0: unknown), which bound the sequence-parallel degree."""
     negative_prompt: bool = True
     """Whether the pipeline takes a negative prompt (GLM-Image has none)."""
+    ar_prior: bool = False
+    """Whether the pipeline samples an autoregressive prior first (GLM-Image): what --prior-batch batches."""
     description: str = ""
     allow_pickle: bool = False
     """Load .bin/.pt pickle weights of a component that has no safetensors (--allow-pickle-weights)."""
@@ -243,6 +245,20 @@ class ModelSpec:
             problem = self.frames.problem(self.num_frames)
             if problem:
                 raise UsageError(f"--frames: {problem} ({self.name} takes {self.frames.describe()} frames)")
+
+    def check_prior_batch(self, prior_batch: int, batch_size: int) -> None:
+        """Refuse a --prior-batch this model or the units (--batch-size rows) cannot use."""
+        if prior_batch < 1:
+            raise UsageError(f"--prior-batch must be at least 1, got {prior_batch}")
+        if prior_batch == 1:
+            return
+        if not self.ar_prior:
+            raise UsageError(f"--prior-batch: {self.name} has no autoregressive prior (GLM-Image has one)")
+        if prior_batch > batch_size:
+            raise UsageError(
+                f"--prior-batch {prior_batch} batches the prior of a unit's rows, and --batch-size "
+                f"{batch_size} puts {batch_size} in a unit: set --batch-size to at least {prior_batch}"
+            )
 
     def describe_tasks(self) -> str:
         parts = []

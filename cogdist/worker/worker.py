@@ -335,6 +335,8 @@ class RenderWorker:
         import torch
 
         render = functools.partial(self.runner.render, gang=self.gang, checkpoints=self.checkpoints)
+        if self.settings.prior_batch > 1:  # only a family with an AR prior is given one (ModelSpec.ar_prior)
+            render = functools.partial(render, prior_batch=self.settings.prior_batch)
         reset_step_cache(self.pipe)  # a call that failed midway leaves the cache's state behind
         try:
             return render(self.pipe, items, self.device, inputs)

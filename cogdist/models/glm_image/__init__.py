@@ -42,6 +42,7 @@ PRESETS = (
         tiny=True,
         heads=6,
         negative_prompt=False,
+        ar_prior=True,
         description="GLM-Image architecture (autoregressive prior + diffusion decoder), random weights",
     ),
     ModelSpec(
@@ -63,6 +64,7 @@ PRESETS = (
         sizes=SizeRule(multiple=32, min_side=512, max_side=2048),
         heads=32,  # tests/data/checkpoints holds the real configs
         negative_prompt=False,
+        ar_prior=True,
         description="GLM-Image: autoregressive prior (GLM) + DiT decoder; text- and image-to-image",
     ),
 )
@@ -85,6 +87,7 @@ def from_configs(name: str, source: str, tasks: tuple[str, ...], read: ConfigRea
         guidance_scale=1.5,
         sizes=SizeRule(multiple=multiple, min_side=multiple, max_side=4096),
         negative_prompt=False,
+        ar_prior=True,
         heads=transformer.get("num_attention_heads", 0),
         description="GLM-Image checkpoint (not a preset: sizes checked structurally only)",
     )

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from PIL import Image
 from cogdist.inputs import Inputs
 from cogdist.models.glm_image.compat import ensure_i2i_compat
 from cogdist.models.glm_image.inputs import prepare_inputs
+from cogdist.models.glm_image.prior import PriorTokens, generate_priors
 from cogdist.models.glm_image.tiny import CODEBOOK, IMAGE_END_ID, IMAGE_START_ID, build_tiny
 from cogdist.models.loading import from_pretrained
 from cogdist.models.prompts import prompt_cache
@@ -60,18 +60,6 @@ __all__ = [
     "prepare_inputs",
     "render",
 ]
-
-
-@dataclass(frozen=True)
-class PriorTokens:
-    """The AR stage's output for one row, on the CPU (small: broadcastable between ranks)."""
-
-    prior_token_ids: torch.Tensor
-    """(1, 4 * token_h * token_w): the upsampled target-grid tokens."""
-    prior_token_image_ids: torch.Tensor | None = None
-    """Image-to-image: the upsampled tokens of the condition image."""
-    source_image_grid_thw: torch.Tensor | None = None
-    """Image-to-image: (1, 3), the upsampled grid of the condition image."""
 
 
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> GlmImagePipeline:
@@ -129,12 +117,14 @@ def render(
     inputs: Sequence[Inputs] | None = None,
     priors: Sequence[PriorTokens] | None = None,
     gang: GangGroup | None = None,
+    prior_batch: int = 1,
 ) -> list[np.ndarray]:
     """Images (uint8, height x width x 3) for `items`, in their order.
 
     `inputs` hold the condition images (already through `prepare_inputs`); `priors` (one per item,
-    from `generate_prior`, e.g. computed elsewhere) skip the AR stage. In a gang, the AR stage and
-    the glyph encoding run on its first rank only.
+    from `generate_prior`, e.g. computed elsewhere) skip the AR stage. `prior_batch` > 1 runs the
+    AR stage that many rows at a time (cogdist.models.glm_image.prior). In a gang, the AR stage
+    and the glyph encoding run on its first rank only.
     """
     conditions = [inp.image for inp in inputs] if inputs else [None] * len(items)
     cfg = items[0].guidance_scale > 1
@@ -143,8 +133,11 @@ def render(
 
     def first_stages() -> list[tuple]:
         prepared = []
+        given = priors
+        if given is None and prior_batch > 1:
+            given = generate_priors(pipe, items, conditions, device, prior_batch)
         for index, (item, condition) in enumerate(zip(items, conditions)):
-            prior = priors[index] if priors is not None else generate_prior(pipe, item, condition, device)
+            prior = given[index] if given is not None else generate_prior(pipe, item, condition, device)
             # This row's glyphs alone: no left padding from other rows.
             embeds, _ = prompts.get(
                 item.prompt,
@@ -234,9 +227,10 @@ class GlmImageRunner:
         *,
         gang: GangGroup | None = None,
         checkpoints: StepCheckpointer | None = None,
+        prior_batch: int = 1,
     ) -> list[np.ndarray]:
         """`render` with the AR stage run here; GLM-Image takes no step checkpoints."""
-        return render(pipe, items, device, inputs, gang=gang)
+        return render(pipe, items, device, inputs, gang=gang, prior_batch=prior_batch)
 
     def prepare_inputs(self, item: WorkItem, inputs: Inputs) -> Inputs:
         return prepare_inputs(item, inputs)
