@@ -293,8 +293,44 @@ def autoscaling_cluster(
 
     The autoscaler runs a round every second (AUTOSCALER_UPDATE_INTERVAL_S=1). On exit, or if it
     does not come up, `ray start` is stopped and every process in its session, or naming this
-    cluster's temp dir or GCS port, is killed; if any survives, this raises.
+    cluster's temp dir or GCS port, is killed; if any survives, this raises. `ray start --head`
+    itself sometimes fails on a loaded machine ("Failed to get node info: Deadline Exceeded"
+    while its GCS is slow to answer): then the cluster is started once more, afresh.
     """
+    how = {
+        "head_cpus": head_cpus,
+        "worker_types": worker_types,
+        "head_resources": head_resources,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "upscaling_speed": upscaling_speed,
+        "max_workers": max_workers,
+        "dashboard": dashboard,
+        "start_timeout": start_timeout,
+    }
+    stack = contextlib.ExitStack()
+    try:
+        cluster = stack.enter_context(_one_cluster(tmp_path, **how))
+    except HeadExited as e:
+        print(f"starting the autoscaling cluster once more: {str(e).splitlines()[0]}", file=sys.stderr)
+        cluster = stack.enter_context(_one_cluster(tmp_path / "second-start", **how))
+    with stack:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _one_cluster(
+    tmp_path: Path,
+    *,
+    head_cpus: int,
+    worker_types: dict,
+    head_resources: dict | None = None,
+    idle_timeout_minutes: float = 1.0,
+    upscaling_speed: float = 1.0,
+    max_workers: int | None = None,
+    dashboard: bool = True,
+    start_timeout: float = START_TIMEOUT,
+) -> Iterator[AutoscalingCluster]:
+    """`autoscaling_cluster`, started once."""
     head_cpus_int = int(head_cpus)
     if head_cpus_int != head_cpus:
         raise ValueError(f"head_cpus must be a whole number (ray start --num-cpus): {head_cpus}")
@@ -398,11 +434,15 @@ def autoscaling_cluster(
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+class HeadExited(RuntimeError):
+    """`ray start --head` exited before the cluster was up."""
+
+
 def _wait_until_up(
     cluster: AutoscalingCluster, head: subprocess.Popen, start_log: Path, ports: list[int], deadline: float
 ) -> None:
-    def failed(why: str) -> RuntimeError:
-        return RuntimeError(
+    def failed(why: str, kind: type[RuntimeError] = RuntimeError) -> RuntimeError:
+        return kind(
             f"the autoscaling cluster did not come up: {why}\n"
             f"`ray start` said:\n{_tail(start_log, 3000)}\n"
             f"monitor.err ends:\n{_tail(cluster.logs / 'monitor.err', 2000)}\n"
@@ -412,7 +452,7 @@ def _wait_until_up(
     for listening in ports:
         while not wait_for_port(listening, 1):
             if head.poll() is not None:
-                raise failed(f"`ray start --head` exited with {head.returncode}")
+                raise failed(f"`ray start --head` exited with {head.returncode}", HeadExited)
             if time.monotonic() > deadline:
                 raise failed(
                     f"port 127.0.0.1:{listening} did not open (the cluster needs free loopback ports; "
@@ -421,7 +461,7 @@ def _wait_until_up(
     seen: dict = {}
     while time.monotonic() < deadline:
         if head.poll() is not None:
-            raise failed(f"`ray start --head` exited with {head.returncode}")
+            raise failed(f"`ray start --head` exited with {head.returncode}", HeadExited)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             seen = probe(cluster.address, cluster.env, timeout=max(5.0, deadline - time.monotonic()))
             if seen["autoscaler_error"]:

@@ -133,7 +133,7 @@ def run(options: RenderOptions, *, worker_class: type = RenderWorker) -> RenderS
             seconds=time.perf_counter() - started,
             ray_start_seconds=ray_seconds,
             startup_seconds=loop.first_ready - started if loop and loop.first_ready else 0.0,
-            steady_seconds=loop.last_commit - loop.first_ready if loop and loop.first_ready else 0.0,
+            steady_seconds=loop.commits.last - loop.first_ready if loop and loop.first_ready else 0.0,
             compile_seconds=loop.compile_seconds if loop else 0.0,
         )
 

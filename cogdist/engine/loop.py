@@ -10,6 +10,7 @@ import time
 
 import ray
 
+from cogdist.engine.commits import Commits
 from cogdist.engine.fleet import (
     Replica,
     Waiting,
@@ -20,7 +21,7 @@ from cogdist.engine.fleet import (
     waiting_for,
 )
 from cogdist.engine.plan import Plan, ReplicaLayout, pin_attention_backend, replica_layout, worker_settings
-from cogdist.errors import CapacityError, GangError, StorageError
+from cogdist.errors import CapacityError, GangError
 from cogdist.executor.cluster import Cluster, Node, alive_nodes
 from cogdist.executor.gang import GangState, ReplicaGang
 from cogdist.failures import Failure, FailureDecision, FailurePolicy, ReplicaAction, RowCharge
@@ -106,10 +107,7 @@ class RenderLoop:
         self.compile_seconds = 0.0  # --compile: the rows' compile time, summed over workers
         self.first_ready: float = 0.0
         """perf_counter() when the first replica became ready (0: none yet)."""
-        self.last_commit: float = 0.0
-        """perf_counter() after the last commit."""
-        self.commit_failed: bool = False
-        """The store refused the index for --storage-timeout: the final commit is not tried again."""
+        self.commits = Commits(self.sink)
         for _ in range(n):
             self._add_replica()
         if self.options.progress:
@@ -129,7 +127,7 @@ class RenderLoop:
         try:
             for replica in self.replicas:
                 self._start(replica)
-            self.last_commit = time.perf_counter()
+            self.commits.last = time.perf_counter()
             while not self.scheduler.finished:
                 self._dispatch()
                 if not self.waiting:
@@ -145,16 +143,16 @@ class RenderLoop:
                 if time.monotonic() - self.last_fleet >= FLEET_SECONDS:
                     self._watch_fleet()
                 self._show_replicas()
-                pending = self.sink.pending
+                self.commits.poll()
+                pending = self.commits.pending
                 if pending and (
                     pending >= COMMIT_ROWS
-                    or time.perf_counter() - self.last_commit >= self.options.commit_interval
+                    or time.perf_counter() - self.commits.last >= self.options.commit_interval
                 ):
-                    self._commit()
+                    self.commits.start()
         finally:
             try:
-                if not self.commit_failed:  # it failed for --storage-timeout: do not wait again
-                    self._commit(flush=True, final=True)
+                self.commits.finish()
             finally:
                 for replica in self.replicas:  # removes every placement group the job made
                     replica.gang.kill()
@@ -428,7 +426,7 @@ class RenderLoop:
     # -- results ---------------------------------------------------------------------------
 
     def _record(self, finished: list[Finished], failed: list, replica: int | None = None) -> None:
-        self.sink.add(finished, failed, replica)
+        self.commits.add(finished, failed, replica)
         self.done += len(finished)
         self.failed += len(failed)
         for f in failed:
@@ -440,18 +438,3 @@ class RenderLoop:
             self.metrics.rows(
                 [f.result.render_seconds for f in finished], len(failed), self.total - self.done - self.failed
             )
-        if self.sink.wants_commit:
-            self._commit(flush=True)
-
-    def _commit(self, flush: bool = False, final: bool = False) -> None:
-        """Commit finished rows (after storing what the sink holds in memory, with `flush`) and
-        failures; `final`: into index/ itself."""
-        try:
-            self.sink.commit(flush, final)
-        except StorageError as e:
-            self.commit_failed = True
-            raise StorageError(
-                f"stopped: the index cannot be written ({e}). Rows rendered since the last commit will "
-                "be rendered again; run the same command again to resume once the store is reachable."
-            ) from None
-        self.last_commit = time.perf_counter()

@@ -42,8 +42,10 @@ from cogdist.worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from cogdist.parallel.group import GangGroup
 
-WRITERS = 4
-"""Outputs of a unit encoded and stored at once (encoders and uploads mostly wait, not compute)."""
+WRITERS = 16
+"""Outputs encoded and stored at once, over every unit in flight: uploads mostly wait on the store,
+so a distant one needs many at once to keep up with the renders (the output buffer bounds their
+bytes)."""
 
 
 @dataclass(frozen=True)

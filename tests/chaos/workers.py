@@ -137,6 +137,9 @@ def worker_kills(
         command[command.index("--replicas") + 1] = str(replicas)
     rng, logs = random.Random(seed), workdir / "logs"
     if slow_store:
+        # Two units deep: one renders while the one before stores, so the store paces the job
+        # (the per-commit bound above) and every kill lands with uploads in flight.
+        command += ["--max-in-flight", "2"]
         with flaky_store(delay=slow_store) as store:
             make_bucket(store.env, "chaos")
             out = "s3://chaos/kills"
