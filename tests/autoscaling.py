@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -263,19 +264,9 @@ def wait_for_workers(
 
 
 @contextlib.contextmanager
-def autoscaling_cluster(
-    tmp_path: Path,
-    *,
-    head_cpus: int,
-    worker_types: dict,
-    head_resources: dict | None = None,
-    idle_timeout_minutes: float = 1.0,
-    upscaling_speed: float = 1.0,
-    max_workers: int | None = None,
-    dashboard: bool = True,
-    start_timeout: float = START_TIMEOUT,
-) -> Iterator[AutoscalingCluster]:
-    """Start a local autoscaling Ray cluster, yield it, and end every process it started.
+def autoscaling_cluster(tmp_path: Path, **how: Any) -> Iterator[AutoscalingCluster]:
+    """Start a local autoscaling Ray cluster, yield it, and end every process it started. `how`,
+    as `_one_cluster` takes it (its defaults):
 
     head_cpus: the head's CPUs (`ray start --num-cpus`, so a whole number). 0 keeps all work off
         the head, on the nodes the autoscaler launches.
@@ -297,16 +288,6 @@ def autoscaling_cluster(
     itself sometimes fails on a loaded machine ("Failed to get node info: Deadline Exceeded"
     while its GCS is slow to answer): then the cluster is started once more, afresh.
     """
-    how = {
-        "head_cpus": head_cpus,
-        "worker_types": worker_types,
-        "head_resources": head_resources,
-        "idle_timeout_minutes": idle_timeout_minutes,
-        "upscaling_speed": upscaling_speed,
-        "max_workers": max_workers,
-        "dashboard": dashboard,
-        "start_timeout": start_timeout,
-    }
     stack = contextlib.ExitStack()
     try:
         cluster = stack.enter_context(_one_cluster(tmp_path, **how))
