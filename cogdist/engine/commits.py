@@ -72,10 +72,9 @@ class Commits:
         """The job's last commit, into index/ itself, after the running one; nothing after a
         commit the store refused."""
         try:
+            while self.busy and not self.failed:
+                self.poll(wait=True)  # again when the rows it held back filled a shard
             if not self.failed:
-                self.poll(wait=True)
-            if not self.failed:
-                self.poll(wait=True)  # the one a full shard may have started just now
                 self._checked(lambda: self.sink.commit(True, True))
                 self.last = time.perf_counter()
         finally:

@@ -48,10 +48,6 @@ class PriorTokens:
     """Image-to-image: (1, 3), the upsampled grid of the condition image."""
 
 
-UNSUPPORTED_SAMPLING = ("top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
-"""Sampling settings `RowSampler` does not apply: a generation config that sets one is refused."""
-
-
 def sampling_config(model) -> GenerationConfig:
     """The generation config `model.generate()` would sample with: the model's, then transformers'
     global defaults for what it leaves unset (as `GenerationMixin._prepare_generation_config`)."""
@@ -63,12 +59,14 @@ def sampling_config(model) -> GenerationConfig:
 def warpers(config: GenerationConfig) -> list[LogitsProcessor]:
     """The warpers `generate(do_sample=True)` appends, in its order (transformers'
     `_get_logits_processor`), for the settings GLM-Image's prior uses."""
-    unsupported = [
-        name
-        for name in UNSUPPORTED_SAMPLING
-        if getattr(config, name, None) not in (None, 0.0, 1.0)
-        and not (name == "typical_p" and config.typical_p >= 1.0)
-    ]
+    # The settings RowSampler does not apply, each where transformers would turn it on.
+    active = {
+        "top_h": config.top_h is not None,
+        "typical_p": config.typical_p is not None and config.typical_p < 1.0,
+        "epsilon_cutoff": config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0,
+        "eta_cutoff": config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0,
+    }
+    unsupported = [name for name, on in active.items() if on]
     if unsupported:
         raise ValueError(
             f"--prior-batch: the AR model's generation config sets {', '.join(unsupported)}, which the "
