@@ -16,7 +16,7 @@ def test_nodes_killed_and_joined_mid_run_lose_and_duplicate_nothing(tmp_path):
     """A node joins (the job grows onto it and renders there), one is SIGKILLed (raylet and
     workers) mid-run and a fresh one joins in its place; the job finishes by itself, every id
     once (`python -m tests.chaos.report --only spot-week` runs it with 10 kills)."""
-    outcome = spot_week(tmp_path, kills=1, gap=(2, 4), steps=8)
+    outcome = spot_week(tmp_path, kills=1, rows=150, gap=(2, 4), steps=8)
     print(outcome.describe())
     assert outcome.times == 1, outcome.describe()
     assert outcome.ok, outcome.describe()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -50,6 +51,36 @@ def fleet_command(manifest: Path, out: str, address: str, *flags: str, steps: in
     return command[:at] + command[at + 2 :]
 
 
+def node_workers(node) -> list:
+    """The Ray worker processes a node's raylet runs, those busy with a task or an actor."""
+    import psutil
+
+    raylet = node.all_processes["raylet"][0].process.pid
+    workers = []
+    for child in psutil.Process(raylet).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(child.cmdline())
+            if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+                workers.append(child)
+    return workers
+
+
+@contextlib.contextmanager
+def frozen(nodes) -> Iterator[None]:
+    """The renderers of `nodes` stopped (SIGSTOP) until the block ends: the job can go on only on
+    other nodes, however fast those nodes start compared with how fast these render."""
+    stopped = [worker for node in nodes for worker in node_workers(node)]
+    for worker in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for worker in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGCONT)
+
+
 def node_ids(out: str) -> list[str]:
     """The `node` column of OUT's committed rows (index/ and its journal)."""
     table = read_done(open_location(out), ["node"])
@@ -67,9 +98,11 @@ def spot_week(
     """One job through a changing fleet: it starts on one node; after `gap` rows a second node
     joins, and once the job has rendered a row there (it grew onto it), `kills` times: after
     `gap` more rows a worker node is SIGKILLed; once the survivor has indexed another row a fresh
-    node joins in its place, and the next kill waits for a row rendered on it. The job must
-    finish by itself with every id once. `rows` defaults to enough for every event to land while
-    a node takes ~100 rows (the job finishing first is reported as a problem)."""
+    node joins in its place, and the next kill waits for a row rendered on it. Until it has, the
+    other nodes' renderers are stopped (SIGSTOP): a node's start costs seconds, not rows, and the
+    job must not run out of rows before it. The job must finish by itself with every id once.
+    `rows` defaults to enough for every event to land (the job finishing first is reported as a
+    problem)."""
     from cogdist.storage import open_location
 
     started = time.monotonic()
@@ -91,6 +124,7 @@ def spot_week(
             )
         sid = os.getsid(driver.pid)
         watcher = Watcher(open_location(out), sid)
+        hold = contextlib.ExitStack()  # the other nodes stopped while a joined node is awaited
         try:
             plan = ["join"] + ["kill", "join"] * kills
             last, wanted, last_change = 0, rng.randint(*gap), time.monotonic()
@@ -102,6 +136,7 @@ def spot_week(
                     if awaited is not None and awaited in node_ids(out):
                         events.append(f"first row on {awaited[:8]} at {watcher.rows} rows")
                         awaited, last = None, watcher.rows
+                        hold.close()
                 if time.monotonic() - last_change > DEADLINE_SECONDS:
                     problems.append(f"no row indexed for {DEADLINE_SECONDS:.0f}s at {watcher.rows} rows")
                     break
@@ -114,7 +149,9 @@ def spot_week(
                             cluster.remove_node(victim, allow_graceful=False)
                             events.append(f"kill {victim.node_id[:8]} at {watcher.rows} rows")
                         else:
+                            others = list(cluster.worker_nodes)
                             node = cluster.add_node(num_cpus=CPUS_PER_NODE)
+                            hold.enter_context(frozen(others))
                             joined.append(node.node_id)
                             awaited = node.node_id
                             events.append(f"join {node.node_id[:8]} at {watcher.rows} rows")
@@ -122,6 +159,7 @@ def spot_week(
                 time.sleep(POLL_SECONDS)
             code = driver.wait(timeout=DEADLINE_SECONDS)
         finally:
+            hold.close()
             if driver.poll() is None:
                 driver.kill()
             settle_session(sid, 10.0)
