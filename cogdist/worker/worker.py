@@ -74,6 +74,21 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """A row's output encoded in memory, ready to store: its frames' PNGs (--save-frames) and
+    the indexed file."""
+
+    frames: list[tuple[str, bytes]]
+    data: bytes
+    frame_count: int | None
+    seconds: float
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(len(png) for _, png in self.frames)
+
+
+@dataclass(frozen=True)
 class Rendered:
     """A unit's turn: its rendered rows' pixels, on the host."""
 
@@ -231,11 +246,17 @@ class RenderWorker:
             rendered = self._render_in_gang(unit, prepared)
             if self.gang is not None and not self.gang.is_writer:  # rank 0 stores; the rest return
                 return UnitResult(unit.unit_id, (), time.perf_counter() - start, rendered.step_seconds)
-            held = sum(pixels.nbytes for pixels in rendered.outputs)
+            outputs: list[np.ndarray | Encoded] = list(rendered.outputs)
+            if self.device.type == "cpu":
+                # The encoders would take the cores the next render denoises on, and its threads
+                # wait for the slowest: encode in the turn, as a plain loop does. A GPU's host
+                # encodes while the device renders; uploads wait on the network either way.
+                outputs = [self._encode(item, pixels) for item, pixels in zip(rendered.items, outputs)]
+            held = sum(output.nbytes for output in outputs)
             self.buffer.hold(held)  # a slow store holds the next render back here
         results = dict(prepared.failed)
         try:
-            written = list(self.writers.map(self._write, rendered.items, rendered.outputs))
+            written = list(self.writers.map(self._write, rendered.items, outputs))
         finally:
             self.buffer.release(held)
         if self.checkpoints is not None:
@@ -363,34 +384,46 @@ class RenderWorker:
         """A row's decoded conditioning inputs (InputError when they cannot be read)."""
         return load_inputs(item, self.settings.storage_timeout)
 
-    def _write(self, item: WorkItem, pixels: np.ndarray) -> tuple[ItemResult, float]:
-        """Encode a whole output in memory, then store it (frames first, the indexed file last);
-        with the seconds it took.
+    def _encode(self, item: WorkItem, pixels: np.ndarray) -> Encoded:
+        """A row's pixels encoded in memory (frames first, then the indexed file)."""
+        start = time.perf_counter()
+        frames: list[tuple[str, bytes]] = []
+        if pixels.ndim == 4:
+            if item.frames_dir:
+                frames = [
+                    (f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png"))
+                    for number, frame in enumerate(pixels)
+                ]
+            data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
+        else:
+            data = encode_image(pixels, self.settings.format, self.settings.quality)
+        frame_count = pixels.shape[0] if pixels.ndim == 4 else None
+        return Encoded(frames, data, frame_count, time.perf_counter() - start)
+
+    def _write(self, item: WorkItem, output: np.ndarray | Encoded) -> tuple[ItemResult, float]:
+        """Store a row's output (encoded first if it is still pixels): frames first, the indexed
+        file last; with the seconds its encoding and storing took.
 
         A write that still fails after `storage_timeout` of retries raises StorageError: OUT is
         unreachable, which is no row's fault, and the driver stops the run (a re-run resumes).
         """
         start = time.perf_counter()
-        if pixels.ndim == 4:
-            if item.frames_dir:
-                for number, frame in enumerate(pixels):
-                    self.out.write_bytes(f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png"))
-            data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
-        else:
-            data = encode_image(pixels, self.settings.format, self.settings.quality)
+        encoded = output if isinstance(output, Encoded) else self._encode(item, output)
+        for path, png in encoded.frames:
+            self.out.write_bytes(path, png)
         if not self.settings.return_outputs:
-            self.out.write_bytes(item.output, data)
-        frames = pixels.shape[0] if pixels.ndim == 4 else None
+            self.out.write_bytes(item.output, encoded.data)
         result = ItemResult(
             item.id,
             ok=True,
-            bytes_written=len(data),
-            frames=frames,
-            sha256=hashlib.sha256(data).hexdigest(),
+            bytes_written=len(encoded.data),
+            frames=encoded.frame_count,
+            sha256=hashlib.sha256(encoded.data).hexdigest(),
             node=self.node,
-            data=data if self.settings.return_outputs else None,
+            data=encoded.data if self.settings.return_outputs else None,
         )
-        return result, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return result, seconds if encoded is not output else encoded.seconds + seconds
 
 
 def node_id() -> str:
