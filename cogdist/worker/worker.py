@@ -121,6 +121,18 @@ class RenderWorker:
         self.turnstile = Turnstile()
         self.buffer = OutputBuffer()
         self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="cogdist-write")
+        # Every render on one thread, whichever actor thread took its call: torch's OpenMP team
+        # and its thread count belong to the thread that calls it (under Ray's OMP_NUM_THREADS,
+        # a render on a fresh thread ran on one core while set_num_threads said two).
+        self.renderer = ThreadPoolExecutor(
+            1, thread_name_prefix="cogdist-render", initializer=self._init_renderer
+        )
+
+    def _init_renderer(self) -> None:
+        if self.settings.threads:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: where the gang's process group meets (an address and free port of this node)."""
@@ -243,7 +255,7 @@ class RenderWorker:
             start += time.perf_counter() - queued  # its wait for its turn is no time of its own
             if problem is not None:
                 raise problem
-            rendered = self._render_in_gang(unit, prepared)
+            rendered = self.renderer.submit(self._render_in_gang, unit, prepared).result()
             if self.gang is not None and not self.gang.is_writer:  # rank 0 stores; the rest return
                 return UnitResult(unit.unit_id, (), time.perf_counter() - start, rendered.step_seconds)
             outputs: list[np.ndarray | Encoded] = list(rendered.outputs)
