@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from cogdist.errors import ConfigurationError, GangBroken
 from cogdist.failures import broken_collective, configuration_problem
@@ -218,6 +219,9 @@ class RenderWorker:
                 context_parallel_attention_eager()
             compile_transformer(self.pipe.transformer)
             self.compile_clock = CompileClock()
+        # pyarrow's S3 client opens at most as many connections as its IO threads (8 by default),
+        # which held a worker's uploads to 8 at a time; it reads the count when a client is made.
+        pa.set_io_thread_count(max(pa.io_thread_count(), WRITERS))
         self.out = open_location(self.out_uri, self.settings.storage_timeout)
         self.checkpoints = None
         if self.family.step_checkpoints and self.settings.step_checkpoint != 0:
