@@ -94,9 +94,7 @@ def _open_s3(uri: str) -> tuple[pafs.FileSystem, str, str, str]:
     if parsed.username:
         options["access_key"] = unquote(parsed.username)
         options["secret_key"] = unquote(parsed.password or "")
-    # Without delayed open, opening an output asks the store whether the path is a directory
-    # first: one more round trip per write. A refused write still fails when its stream closes.
-    fs = pafs.S3FileSystem(**options, allow_delayed_open=True)
+    fs = pafs.S3FileSystem(**options)
     bucket = parsed.netloc.rsplit("@", 1)[-1]
     root = f"{bucket}/{parsed.path.strip('/')}".rstrip("/")
     return fs, root, f"s3://{root}", portable
