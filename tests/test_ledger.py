@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from cogdist.errors import ResumeConflictError
@@ -73,6 +77,94 @@ def test_unreadable_part_is_quarantined(tmp_path):
     assert read_ids(out, INDEX).to_pylist() == ["r0"]
     assert ds.dataset(str(tmp_path / INDEX)).to_table().num_rows == 1
     assert (tmp_path / "_cogdist" / "quarantine" / "part-zzz.parquet").exists()
+
+
+def test_corrupt_page_is_quarantined_after_rereads(tmp_path):
+    """A part whose data pages are garbage reads as OSError, like a refused request: it is read
+    again, and quarantined when it still fails while the store lists it."""
+    out = open_location(str(tmp_path))
+    writer = PartWriter(out, INDEX, index_schema(MANIFEST))
+    writer.add([index_row(i) for i in range(200)])
+    writer.commit()
+    writer.add([index_row(i) for i in range(200, 400)])
+    writer.commit()
+    bad = sorted((tmp_path / INDEX).glob("*.parquet"))[1]
+    data = bad.read_bytes()
+    bad.write_bytes(data[:8] + bytes(200) + data[208:])  # pages corrupt, footer intact
+    with pytest.raises(OSError):
+        pq.read_table(bad)
+    ids = read_ids(out, INDEX).to_pylist()
+    assert len(ids) == 200 and len(set(ids)) == 200
+    assert (tmp_path / "_cogdist" / "quarantine" / bad.name).exists()
+
+
+class Refusing(pafs.FileSystemHandler):
+    """The local file system, refusing the first `refusals` reads of every file as a store's
+    transient error would, or every listing and lookup while `down`."""
+
+    def __init__(self, refusals: int = 0, down: bool = False) -> None:
+        self.local = pafs.LocalFileSystem()
+        self.refusals, self.down, self.refused = refusals, down, {}
+
+    def _check(self) -> None:
+        if self.down:
+            raise OSError("AWS Error NETWORK_CONNECTION during HeadObject operation")
+
+    def open_input_file(self, path):
+        if self.refused.get(path, 0) < self.refusals:
+            self.refused[path] = self.refused.get(path, 0) + 1
+            raise OSError("AWS Error ACCESS_DENIED during GetObject operation: 403")
+        return self.local.open_input_file(path)
+
+    def get_file_info(self, paths):
+        self._check()
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def get_type_name(self):
+        return "refusing"
+
+    def normalize_path(self, path):
+        return path
+
+    def open_input_stream(self, path):
+        return self.open_input_file(path)
+
+    # Writes, moves and deletes go straight to the local disk.
+    def create_dir(self, path, recursive):
+        self.local.create_dir(path, recursive=recursive)
+
+    def move(self, src, dest):
+        self.local.move(src, dest)
+
+    def delete_file(self, path):
+        self.local.delete_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.local.open_output_stream(path)
+
+    copy_file = delete_dir = delete_dir_contents = delete_root_dir_contents = open_append_stream = None
+
+
+@pytest.mark.parametrize("refusals", [1, 2])
+def test_transient_read_errors_move_no_part_aside(tmp_path, refusals):
+    local = open_location(str(tmp_path))
+    writer = PartWriter(local, INDEX, index_schema(MANIFEST))
+    for i in range(3):
+        writer.add([index_row(i)])
+        writer.commit()
+    handler = Refusing(refusals=refusals)
+    out = dataclasses.replace(local, fs=pafs.PyFileSystem(handler))
+    assert sorted(read_ids(out, INDEX).to_pylist()) == ["r0", "r1", "r2"]
+    assert sum(handler.refused.values()) >= 3 and not (tmp_path / "_cogdist" / "quarantine").exists()
+    handler.down = True
+    handler.refused.clear()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        read_ids(out, INDEX)
+    assert len(list((tmp_path / INDEX).glob("*.parquet"))) == 3
+    assert not (tmp_path / "_cogdist" / "quarantine").exists()
 
 
 def settings(**changes) -> JobSettings:

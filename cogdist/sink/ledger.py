@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
 from cogdist.storage import Location
 from cogdist.work import ItemResult, WorkItem
@@ -193,9 +194,12 @@ def read_table(
     """`columns` of the rows matching `filter` in every part under `folder`, as one table (None
     when there is no part).
 
-    A part that cannot be read (only a write that failed half-way and was never acknowledged
-    can leave one) is moved to _cogdist/quarantine, so the folder stays readable; its rows were
-    never counted as done and are rendered again.
+    A part whose bytes cannot be parsed (only a write that failed half-way and was never
+    acknowledged can leave one) is moved to _cogdist/quarantine, so the folder stays readable;
+    its rows were never counted as done and are rendered again. A part that fails to read for
+    another reason (a store's transient 403 or 5xx, an outage) is read again first: one deleted
+    meanwhile is skipped, one whose store keeps failing raises, and only one that still fails
+    while its store lists it is quarantined.
     """
     parts = location.list_files(folder, ".parquet")
     if not parts:
@@ -208,15 +212,48 @@ def read_table(
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part.path, columns=columns, filters=filter, filesystem=location.fs))
-        except FileNotFoundError:
-            continue  # deleted since the listing (a journal part, folded meanwhile)
-        except (pa.ArrowInvalid, OSError) as e:
+            table = _read_part(location, part.path, columns, filter)
+        except _Unreadable as unreadable:
+            e = unreadable.__cause__
             target = location.path(f"{QUARANTINE}/{part.base_name}")
             log.warning("moving unreadable part %s to %s: %s", part.base_name, QUARANTINE, e)
             location.fs.create_dir(location.path(QUARANTINE), recursive=True)
             location.fs.move(part.path, target)
+            continue
+        if table is not None:
+            tables.append(table)
     return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+PART_READS = 3
+"""Reads of one part before a failure that is not a parse error counts as its content's."""
+
+
+class _Unreadable(Exception):
+    """A part whose content, not its store, fails to read (the cause says how)."""
+
+
+def _read_part(
+    location: Location, path: str, columns: list[str] | None, filter: ds.Expression | None
+) -> pa.Table | None:
+    """One part's table; None when it was deleted since the listing (a journal part, folded
+    meanwhile). Raises _Unreadable for a part to quarantine; the store's own OSError, when a
+    lookup fails too, means the store and not the part is failing."""
+    for attempt in range(PART_READS):
+        try:
+            return pq.read_table(path, columns=columns, filters=filter, filesystem=location.fs)
+        except FileNotFoundError:
+            return None
+        except pa.ArrowInvalid as e:
+            raise _Unreadable() from e  # not a Parquet file: a half-written part
+        except OSError as e:
+            # A corrupt page and a refused request both arrive as OSError: ask the store.
+            if location.fs.get_file_info(path).type == FileType.NotFound:
+                return None
+            if attempt == PART_READS - 1:
+                raise _Unreadable() from e
+            time.sleep(0.2 * (attempt + 1))
+    return None
 
 
 def ids_of(table: pa.Table) -> pa.Array:
