@@ -37,6 +37,9 @@ class SlowSink:
         self.committed.append((self.rows, flush, final))
         self.rows = []
 
+    def clean_up(self) -> None:
+        self.committed.append(([], False, "clean-up"))
+
 
 def test_rows_finished_during_a_commit_wait_for_the_next_one():
     sink = SlowSink()
@@ -53,7 +56,8 @@ def test_rows_finished_during_a_commit_wait_for_the_next_one():
     commits.poll(wait=True)
     assert sink.committed == [(["a", "b"], False, False)] and sink.rows == ["c"] and not commits.busy
     commits.finish()
-    assert sink.committed[-1] == (["c"], True, True)
+    commits.close()  # the clean-up after the final commit, waited for
+    assert sink.committed[-2:] == [(["c"], True, True), ([], False, "clean-up")]
 
 
 def test_a_refused_commit_stops_the_job_and_no_final_commit_is_tried():
@@ -81,4 +85,5 @@ def test_the_last_commit_waits_for_the_running_one():
     commits.add(["b"], [])
     threading.Timer(0.2, sink.release.set).start()
     commits.finish()
-    assert sink.committed == [(["a"], False, False), (["b"], True, True)]
+    commits.close()
+    assert sink.committed == [(["a"], False, False), (["b"], True, True), ([], False, "clean-up")]

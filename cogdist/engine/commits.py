@@ -10,15 +10,19 @@ killed driver.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from cogdist.errors import StorageError
+from cogdist.sink.journal import JOURNAL
 
 if TYPE_CHECKING:
     from cogdist.scheduler import Failed, Finished
     from cogdist.sink.base import Sink
+
+log = logging.getLogger(__name__)
 
 
 class Commits:
@@ -70,15 +74,28 @@ class Commits:
 
     def finish(self) -> None:
         """The job's last commit, into index/ itself, after the running one; nothing after a
-        commit the store refused."""
+        commit the store refused. The journal parts it folded are deleted in the background
+        (while the replicas are torn down): `close` waits for that."""
         try:
             while self.busy and not self.failed:
                 self.poll(wait=True)  # again when the rows it held back filled a shard
             if not self.failed:
                 self._checked(lambda: self.sink.commit(True, True))
                 self.last = time.perf_counter()
+                self._running = self._thread.submit(self.sink.clean_up)
         finally:
             self._thread.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Wait for `finish`'s clean-up. A part it could not delete only costs a later reader time
+        (every reader skips a folded part), so that is a warning, not the job's failure."""
+        running, self._running = self._running, None
+        if running is None:
+            return
+        try:
+            running.result()
+        except StorageError as e:
+            log.warning("folded journal parts are left under %s: %s", JOURNAL, e)
 
     def _checked(self, commit) -> None:
         try:

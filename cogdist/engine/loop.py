@@ -158,6 +158,7 @@ class RenderLoop:
                     replica.gang.kill()
                 with contextlib.suppress(Exception):  # the cluster may be gone with the driver's error
                     self._request(0)
+                self.commits.close()
                 self.progress.close()
 
     def _dispatch(self) -> None:

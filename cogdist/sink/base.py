@@ -105,3 +105,7 @@ class Sink(ABC):
         ends, fold the journal into index/. Raises StorageError when OUT refuses it."""
         self.index.commit(final=final)
         self.failures.commit()
+
+    def clean_up(self) -> None:
+        """After the final commit: delete what it left to delete (the folded journal parts)."""
+        self.index.clean_up()

@@ -16,9 +16,10 @@ most once at every moment, and index/ with the journal holds every finished id.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +27,8 @@ import pyarrow.dataset as ds
 
 from cogdist.sink.ledger import INDEX, PartWriter, ids_of, read_ids, read_schema, read_table
 from cogdist.storage import Location
+
+log = logging.getLogger(__name__)
 
 JOURNAL = "_cogdist/journal"
 FOLD_ROWS = 10_000
@@ -53,6 +56,9 @@ class IndexWriter:
         self.index = PartWriter(location, INDEX, schema)
         self.held: list[tuple[str, pa.Table]] = []
         """The journal parts written and not folded yet: (name, rows)."""
+        self._deleter = ThreadPoolExecutor(DELETERS, thread_name_prefix="cogdist-fold")
+        self._deletions: list[Future] = []
+        """Deletions of folded journal parts, running or not yet checked."""
         self.max_gap = max(index_interval, commit_interval)
         self.gap = commit_interval
         self.last_fold = clock()
@@ -73,8 +79,9 @@ class IndexWriter:
 
     def commit(self, final: bool = False) -> None:
         """Journal the buffered rows; fold the journal into index/ when due or `final` (at the end
-        of the job: the buffered rows then go straight into the folded part). On a StorageError
-        rows stay buffered or journaled, as they were."""
+        of the job: the buffered rows then go straight into the folded part). Folded journal
+        parts are deleted in the background: `clean_up` waits for that. On a StorageError rows stay buffered or journaled,
+        as they were."""
         if final:
             tables = [table for _, table in self.held]
             if self.journal.rows:
@@ -92,14 +99,28 @@ class IndexWriter:
 
     def _fold(self, tables: list[pa.Table]) -> None:
         self.index.write(pa.concat_tables(tables))
-        # From here the rows are in index/: a failed deletion leaves parts `recover` skips.
-        folded, self.held = self.held, []
-        # At once: one request each, which a distant store answers slowly.
-        with ThreadPoolExecutor(DELETERS, thread_name_prefix="cogdist-fold") as deleting:
-            list(deleting.map(self.location.delete, [name for name, _ in folded]))
+        # From here the rows are in index/: every reader skips the folded parts, so they are
+        # deleted in the background (one request each, which a distant store answers slowly) and
+        # a failed or cut-short deletion leaves parts `recover` skips.
+        self._deletions = [f for f in self._deletions if not (f.done() and _deleted(f))]
+        self._deletions += [self._deleter.submit(self.location.delete, name) for name, _ in self.held]
+        self.held = []
         self.folds += 1
         self.last_fold = self.clock()
         self.gap = min(self.gap * 2, self.max_gap)
+
+    def clean_up(self) -> None:
+        """Wait for the folded journal parts' deletions (StorageError: one failed)."""
+        deletions, self._deletions = self._deletions, []
+        for deletion in deletions:
+            deletion.result()
+
+
+def _deleted(deletion: Future) -> bool:
+    """Whether a finished deletion succeeded; a failed one is only a warning (the part is skipped)."""
+    if deletion.exception() is not None:
+        log.warning("a folded journal part is left under %s: %s", JOURNAL, deletion.exception())
+    return True
 
 
 def _outside(table: pa.Table, ids: pa.Array) -> pa.Table:
