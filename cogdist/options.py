@@ -134,7 +134,7 @@ class RenderOptions:
         worker=True,
         metavar="N",
     )
-    max_in_flight: int = option("units a replica holds at once (default %(default)s)", 16, kind=RECORDED)
+    max_in_flight: int = option("units a replica holds at once (default %(default)s)", 64, kind=RECORDED)
     max_retries: int = option("retries of a failing row (default %(default)s)", 2, kind=RECORDED)
     max_gang_restarts: int = option(
         "failures in a row (its workers died, or failed to start) after which a replica is given "
