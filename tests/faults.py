@@ -93,22 +93,34 @@ def unreadable_on_one_rank(marker_dir: Path, victim: str, rank: int) -> type:
     return UnreadableOnOneRank
 
 
-def timed_worker(log_dir: Path, slow_width: int, wait_for: int, bound: float = 120.0) -> type:
+def timed_worker(
+    log_dir: Path, slow_width: int, wait_for: int, bound: float = 120.0, storing: bool = False
+) -> type:
     """A worker that logs every unit it renders as a JSON line (pid, ids, start, end) in `log_dir`,
     and holds a unit of rows of width `slow_width` until `wait_for` other units are logged (at most
     `bound` seconds): slow by the job's progress, not by the clock. A unit queued behind the slow
-    one on the same worker can only end after it, whatever the machine's speed."""
+    one on the same worker can only end after it, whatever the machine's speed. `storing`: the
+    slow unit is held while its outputs are stored (after its render's turn), as on a slow store."""
 
     def logged() -> int:
         return sum(len(path.read_text().splitlines()) for path in Path(log_dir).glob("*.jsonl"))
 
+    def hold(item) -> None:
+        if item.width == slow_width:
+            deadline = time.monotonic() + bound
+            while logged() < wait_for and time.monotonic() < deadline:
+                time.sleep(0.05)
+
     class TimedWorker(RenderWorker):
+        def _write(self, item, output):
+            if storing:
+                hold(item)
+            return super()._write(item, output)
+
         def render(self, unit):
             start = time.time()
-            if unit.items[0].width == slow_width:
-                deadline = time.monotonic() + bound
-                while logged() < wait_for and time.monotonic() < deadline:
-                    time.sleep(0.05)
+            if not storing:
+                hold(unit.items[0])
             result = super().render(unit)
             record = {
                 "pid": os.getpid(),

@@ -198,6 +198,27 @@ def test_quick_rows_never_wait_behind_a_slow_unit_while_a_replica_is_free(ray_se
     assert all(u["end"] < slow["end"] for u in quick), "a quick row waited behind the slow unit"
 
 
+def test_the_only_replica_is_fed_behind_a_first_unit_of_unknown_cost(ray_session, tmp_path):
+    """No other replica could take the next units sooner: they go to the one replica while its
+    first unit, whose cost nobody knows until it returns, still stores its outputs (a slow store),
+    instead of after it."""
+    rows = [{"id": "slow", "prompt": "a big scene", "width": 128, "height": 64}]
+    rows += [{"id": f"quick/{i:02d}", "prompt": f"scene {i}"} for i in range(4)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    log = tmp_path / "log"
+    log.mkdir()
+    options = RenderOptions(str(manifest), "tiny-cogview4", str(tmp_path / "out"), progress=False, replicas=1)
+    summary = engine.run(
+        options, worker_class=timed_worker(log, slow_width=128, wait_for=4, bound=60, storing=True)
+    )
+    assert summary.ok and summary.done == 5
+    units = [json.loads(line) for path in log.iterdir() for line in path.read_text().splitlines()]
+    slow = next(u for u in units if u["ids"] == ["slow"])
+    assert all(u["end"] < slow["end"] for u in units if u is not slow), (
+        "the replica idled behind its first unit"
+    )
+
+
 def test_out_of_memory_is_retried_once_saving_memory_before_it_counts(ray_session, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(5))
     out = tmp_path / "out"

@@ -181,16 +181,21 @@ class RenderLoop:
                 held.append(unit.unit_id)
 
     def _prefetches_behind(self, replica: Replica) -> bool:
-        """Whether what `replica` holds should be done within PREFETCH_SECONDS (never behind a unit
-        of unknown cost): then its next unit's inputs are read and its render starts as soon as
-        the last one's pixels are off the device."""
+        """Whether what `replica` holds should be done within PREFETCH_SECONDS (behind a unit of
+        unknown cost only where no other replica could take the next one): then its next unit's
+        inputs are read and its render starts as soon as the last one's pixels are off the device."""
         if any(self.scheduler.alone(unit_id) for unit_id in replica.units):
             return False
         expected = [self.scheduler.expected_seconds(unit_id) for unit_id in replica.units]
         if None in expected:
-            return False
+            # The job's first units: their cost is known once one returns, after its uploads.
+            return self._only_replica_ever(replica)
         remaining = sum(expected) - (time.perf_counter() - replica.head_since)  # type: ignore[arg-type]
         return remaining <= PREFETCH_SECONDS
+
+    def _only_replica_ever(self, replica: Replica) -> bool:
+        """`replica` is the one gang of a fixed fleet: a unit queued behind it waits for no one."""
+        return not self.layout.follows_cluster and len(self.replicas) == 1 and self.replicas[0] is replica
 
     @staticmethod
     def _fetch(refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, object]]:
