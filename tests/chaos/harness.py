@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 import pyarrow as pa
@@ -489,6 +490,18 @@ def patched_environ(env: dict[str, str] | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def watched_location(out_uri: str, env: dict[str, str] | None) -> Location:
+    """OUT as this process watches it while jobs run with `env`: the credentials go into the
+    URI, since pyarrow's S3 client looks them up in os.environ on every request and this
+    process's environment has none (requests would go anonymous; moto refuses some of those)."""
+    env = env or {}
+    if out_uri.startswith("s3://") and "AWS_ACCESS_KEY_ID" in env:
+        keys = f"{quote(env['AWS_ACCESS_KEY_ID'], safe='')}:{quote(env['AWS_SECRET_ACCESS_KEY'], safe='')}"
+        out_uri = f"s3://{keys}@{out_uri.removeprefix('s3://')}"
+    with patched_environ(env):
+        return open_location(out_uri)
+
+
 # -- killing drivers -------------------------------------------------------------------------
 
 
@@ -579,8 +592,7 @@ def kill_repeatedly(
     logs = logs or Path(tempfile.mkdtemp(prefix="chaos-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     run_env = {**os.environ, **(env or {})}
-    with patched_environ(env):
-        location = open_location(out_uri)
+    location = watched_location(out_uri, env)
     record = KillRecord()
     kills = len(plan.points)
     attempt = 0
