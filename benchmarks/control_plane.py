@@ -47,7 +47,6 @@ PARTS = 5
 SAMPLE_ROWS = 20
 """The driver's CPU time is read after the first unit that ends this many rows after the last
 reading (a reading of a process's CPU time costs tens of microseconds when Ray's threads run)."""
-"""The steady state is cut into this many parts of equal rows: the first and last are compared."""
 
 
 class StandInInfo(NamedTuple):
