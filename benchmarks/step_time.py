@@ -86,8 +86,8 @@ def real_size_pipeline(name: str, device: torch.device, dtype: torch.dtype):
     from transformers import ByT5Tokenizer, GlmConfig, GlmModel, T5Config, T5EncoderModel
 
     from cogdist.models.tiny import tiny_tokenizer
+    from cogdist.worker.offload import place
     from cogdist.worker.settings import WorkerSettings
-    from cogdist.worker.worker import place
 
     family, folder = MODELS[name][0], CHECKPOINTS / MODELS[name][1]
     index = json.loads((folder / "model_index.json").read_text())

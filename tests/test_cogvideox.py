@@ -15,7 +15,8 @@ from cogdist.inputs import Inputs
 from cogdist.models.cogvideox import runner as cogvideox
 from cogdist.models.registry import PRESETS, resolve_model
 from cogdist.work import WorkItem
-from cogdist.worker.worker import WorkerSettings, place
+from cogdist.worker.offload import place
+from cogdist.worker.settings import WorkerSettings
 
 CPU = torch.device("cpu")
 MEMORY = WorkerSettings(vae_tiling=True, vae_slicing=True)  # the presets' defaults

@@ -28,7 +28,7 @@ from cogdist.models.registry import PRESETS
 from cogdist.options import RenderOptions
 from cogdist.storage import open_location
 from cogdist.worker.lora import LoadedAdapters
-from cogdist.worker.worker import place
+from cogdist.worker.offload import place
 from tests.conftest import cli, read_table, write_manifest
 from tests.inprocess import in_process_worker, render_in_process
 from tests.test_cogvideox import CPU, MEMORY, TASKS, row, stock

@@ -16,8 +16,7 @@ from cogdist.errors import UsageError
 from cogdist.models.registry import resolve_model
 from cogdist.options import RenderOptions
 from cogdist.work import WorkUnit
-from cogdist.worker.offload import GROUP, offload_pipeline
-from cogdist.worker.worker import saving_memory
+from cogdist.worker.offload import GROUP, offload_pipeline, saving_memory
 from tests.inprocess import in_process_worker
 
 ROWS = [{"id": "a", "prompt": "a red fox", "seed": 3}]

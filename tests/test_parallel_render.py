@@ -13,7 +13,8 @@ from cogdist.parallel.broadcast import drop_first_rank_models
 from cogdist.parallel.group import Layout
 from cogdist.parallel.pipeline import parallelize
 from cogdist.work import WorkItem
-from cogdist.worker.worker import WorkerSettings, place
+from cogdist.worker.offload import place
+from cogdist.worker.settings import WorkerSettings
 from tests.distributed import run_gang
 
 CPU = torch.device("cpu")

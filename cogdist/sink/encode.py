@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +16,7 @@ from cogdist.errors import UsageError
 
 if TYPE_CHECKING:
     from cogdist.models.spec import ModelSpec
+    from cogdist.work import WorkItem
 
 # --format value -> (file extension, Pillow format name)
 IMAGE_FORMATS = {"png": ("png", "PNG"), "jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
@@ -77,3 +80,36 @@ def encode_video(frames: np.ndarray, fps: float, quality: int = DEFAULT_QUALITY[
         writer.close()
         with open(path, "rb") as f:
             return f.read()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A row's output encoded in memory, ready to store: its frames' PNGs (--save-frames) and
+    the indexed file."""
+
+    frames: list[tuple[str, bytes]]
+    data: bytes
+    frame_count: int | None
+    seconds: float
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(len(png) for _, png in self.frames)
+
+
+def encode_output(item: WorkItem, pixels: np.ndarray, fmt: str, quality: int) -> Encoded:
+    """A row's pixels encoded in memory (its frames' PNGs first when it saves frames, then the
+    indexed file): an image in `fmt`, frames (4 dimensions) as MP4 at the row's fps."""
+    start = time.perf_counter()
+    frames: list[tuple[str, bytes]] = []
+    if pixels.ndim == 4:
+        if item.frames_dir:
+            frames = [
+                (f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png"))
+                for number, frame in enumerate(pixels)
+            ]
+        data = encode_video(pixels, item.fps or 8.0, quality)
+    else:
+        data = encode_image(pixels, fmt, quality)
+    frame_count = pixels.shape[0] if pixels.ndim == 4 else None
+    return Encoded(frames, data, frame_count, time.perf_counter() - start)

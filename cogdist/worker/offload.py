@@ -10,14 +10,23 @@
   (the least memory, the slowest).
 
 Each is a recorded setting (it moves weights, it changes no pixel), applied on GPUs only: on a CPU
-the weights are in CPU memory already. The out-of-memory retry (cogdist.worker.worker) turns
-model offload on only where no offload is set. This module is imported by the driver
+the weights are in CPU memory already. `place` puts a pipeline on its device with these and the
+VAE's tiling and slicing; the worker's out-of-memory retry (`saving_memory`) turns model offload
+on only where no offload is set. This module is imported by the driver
 (`check_offload`); torch is imported lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from cogdist.errors import UsageError
+from cogdist.worker.quantize import BNB_8BIT
+
+if TYPE_CHECKING:
+    from cogdist.worker.settings import WorkerSettings
 
 NONE = "none"
 MODEL = "model"
@@ -80,3 +89,43 @@ def offload_pipeline(pipe, device, mode: str) -> None:
         )
     elif mode != NONE:
         raise ValueError(f"unknown offload mode {mode!r}")
+
+
+@contextlib.contextmanager
+def saving_memory(pipe, device, settings: WorkerSettings) -> Iterator[None]:
+    """Every memory-saving setting on for the duration; the worker's own settings after."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    # Never a second offload, nor one of bitsandbytes' 8-bit weights (they cannot leave the device).
+    quantized_8bit = BNB_8BIT in (settings.quantize, settings.quantize_text_encoder)
+    offload = device.type == "cuda" and settings.offload == NONE and not quantized_8bit
+    if offload:
+        offload_pipeline(pipe, device, MODEL)
+    try:
+        yield
+    finally:
+        if offload:
+            pipe.remove_all_hooks()
+            pipe.to(device)
+        if not settings.vae_tiling:
+            pipe.vae.disable_tiling()
+        if not settings.vae_slicing:
+            pipe.vae.disable_slicing()
+
+
+def place(pipe, device, settings: WorkerSettings):
+    """Put a pipeline on its device with the memory options a user of diffusers expects."""
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+    if device.type == "cuda" and settings.offload != NONE:
+        offload_pipeline(pipe, device, settings.offload)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,13 +7,11 @@ whose conditioning input cannot be read fails alone; the rest of its unit render
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -25,19 +23,17 @@ from cogdist.errors import ConfigurationError, GangBroken
 from cogdist.failures import broken_collective, configuration_problem
 from cogdist.metrics import timing_steps
 from cogdist.models.registry import ModelSpec
-from cogdist.sink.encode import encode_image, encode_video
+from cogdist.sink.encode import Encoded, encode_output
 from cogdist.storage import open_location
 from cogdist.work import ItemResult, UnitResult, WorkItem, WorkUnit
 from cogdist.worker.cache import apply_step_cache, reset_step_cache
 from cogdist.worker.checkpoint import StepCheckpoints
 from cogdist.worker.compile import CompileClock, compile_transformer
 from cogdist.worker.inputs import InputError, load_inputs
-from cogdist.worker.offload import MODEL as MODEL_OFFLOAD
-from cogdist.worker.offload import NONE as NO_OFFLOAD
-from cogdist.worker.offload import offload_pipeline
+from cogdist.worker.offload import place, saving_memory
 from cogdist.worker.overlap import OutputBuffer, Turnstile
-from cogdist.worker.quantize import BNB_8BIT, quantize_pipeline
 from cogdist.worker.quantize import NONE as QUANTIZE_NONE
+from cogdist.worker.quantize import quantize_pipeline
 from cogdist.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -73,21 +69,6 @@ class Prepared:
     """Rows whose inputs could not be read."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Each row's reading time."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A row's output encoded in memory, ready to store: its frames' PNGs (--save-frames) and
-    the indexed file."""
-
-    frames: list[tuple[str, bytes]]
-    data: bytes
-    frame_count: int | None
-    seconds: float
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) + sum(len(png) for _, png in self.frames)
 
 
 @dataclass(frozen=True)
@@ -268,7 +249,10 @@ class RenderWorker:
                 # The encoders would take the cores the next render denoises on, and its threads
                 # wait for the slowest: encode in the turn, as a plain loop does. A GPU's host
                 # encodes while the device renders; uploads wait on the network either way.
-                outputs = [self._encode(item, pixels) for item, pixels in zip(rendered.items, outputs)]
+                outputs = [
+                    encode_output(item, pixels, self.settings.format, self.settings.quality)
+                    for item, pixels in zip(rendered.items, outputs)
+                ]
             held = sum(output.nbytes for output in outputs)
             self.buffer.hold(held)  # a slow store holds the next render back here
         results = dict(prepared.failed)
@@ -401,22 +385,6 @@ class RenderWorker:
         """A row's decoded conditioning inputs (InputError when they cannot be read)."""
         return load_inputs(item, self.settings.storage_timeout)
 
-    def _encode(self, item: WorkItem, pixels: np.ndarray) -> Encoded:
-        """A row's pixels encoded in memory (frames first, then the indexed file)."""
-        start = time.perf_counter()
-        frames: list[tuple[str, bytes]] = []
-        if pixels.ndim == 4:
-            if item.frames_dir:
-                frames = [
-                    (f"{item.frames_dir}/{number:06d}.png", encode_image(frame, "png"))
-                    for number, frame in enumerate(pixels)
-                ]
-            data = encode_video(pixels, item.fps or 8.0, self.settings.quality)
-        else:
-            data = encode_image(pixels, self.settings.format, self.settings.quality)
-        frame_count = pixels.shape[0] if pixels.ndim == 4 else None
-        return Encoded(frames, data, frame_count, time.perf_counter() - start)
-
     def _write(self, item: WorkItem, output: np.ndarray | Encoded) -> tuple[ItemResult, float]:
         """Store a row's output (encoded first if it is still pixels): frames first, the indexed
         file last; with the seconds its encoding and storing took.
@@ -425,7 +393,11 @@ class RenderWorker:
         unreachable, which is no row's fault, and the driver stops the run (a re-run resumes).
         """
         start = time.perf_counter()
-        encoded = output if isinstance(output, Encoded) else self._encode(item, output)
+        encoded = (
+            output
+            if isinstance(output, Encoded)
+            else encode_output(item, output, self.settings.format, self.settings.quality)
+        )
         for path, png in encoded.frames:
             self.out.write_bytes(path, png)
         if not self.settings.return_outputs:
@@ -453,43 +425,3 @@ def node_id() -> str:
     if not ray.is_initialized():
         return os.uname().nodename
     return ray.get_runtime_context().get_node_id()
-
-
-@contextlib.contextmanager
-def saving_memory(pipe, device, settings: WorkerSettings) -> Iterator[None]:
-    """Every memory-saving setting on for the duration; the worker's own settings after."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    pipe.vae.enable_tiling()
-    pipe.vae.enable_slicing()
-    # Never a second offload, nor one of bitsandbytes' 8-bit weights (they cannot leave the device).
-    quantized_8bit = BNB_8BIT in (settings.quantize, settings.quantize_text_encoder)
-    offload = device.type == "cuda" and settings.offload == NO_OFFLOAD and not quantized_8bit
-    if offload:
-        offload_pipeline(pipe, device, MODEL_OFFLOAD)
-    try:
-        yield
-    finally:
-        if offload:
-            pipe.remove_all_hooks()
-            pipe.to(device)
-        if not settings.vae_tiling:
-            pipe.vae.disable_tiling()
-        if not settings.vae_slicing:
-            pipe.vae.disable_slicing()
-
-
-def place(pipe, device, settings: WorkerSettings):
-    """Put a pipeline on its device with the memory options a user of diffusers expects."""
-    if settings.vae_tiling:
-        pipe.vae.enable_tiling()
-    if settings.vae_slicing:
-        pipe.vae.enable_slicing()
-    if device.type == "cuda" and settings.offload != NO_OFFLOAD:
-        offload_pipeline(pipe, device, settings.offload)
-    else:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
