@@ -249,10 +249,7 @@ class RenderWorker:
                 # The encoders would take the cores the next render denoises on, and its threads
                 # wait for the slowest: encode in the turn, as a plain loop does. A GPU's host
                 # encodes while the device renders; uploads wait on the network either way.
-                outputs = [
-                    encode_output(item, pixels, self.settings.format, self.settings.quality)
-                    for item, pixels in zip(rendered.items, outputs)
-                ]
+                outputs = [self._encode(item, pixels) for item, pixels in zip(rendered.items, outputs)]
             held = sum(output.nbytes for output in outputs)
             self.buffer.hold(held)  # a slow store holds the next render back here
         results = dict(prepared.failed)
@@ -385,6 +382,9 @@ class RenderWorker:
         """A row's decoded conditioning inputs (InputError when they cannot be read)."""
         return load_inputs(item, self.settings.storage_timeout)
 
+    def _encode(self, item: WorkItem, pixels: np.ndarray) -> Encoded:
+        return encode_output(item, pixels, self.settings.format, self.settings.quality)
+
     def _write(self, item: WorkItem, output: np.ndarray | Encoded) -> tuple[ItemResult, float]:
         """Store a row's output (encoded first if it is still pixels): frames first, the indexed
         file last; with the seconds its encoding and storing took.
@@ -393,11 +393,7 @@ class RenderWorker:
         unreachable, which is no row's fault, and the driver stops the run (a re-run resumes).
         """
         start = time.perf_counter()
-        encoded = (
-            output
-            if isinstance(output, Encoded)
-            else encode_output(item, output, self.settings.format, self.settings.quality)
-        )
+        encoded = output if isinstance(output, Encoded) else self._encode(item, output)
         for path, png in encoded.frames:
             self.out.write_bytes(path, png)
         if not self.settings.return_outputs:

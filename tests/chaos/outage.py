@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cogdist.storage import open_location
 from tests.chaos.harness import (
     S3_KEY,
     S3_SECRET,
@@ -34,6 +33,7 @@ from tests.chaos.harness import (
     patched_environ,
     render_command,
     wait_for_port,
+    watched_location,
 )
 from tests.chaos.progress import POLL_SECONDS, REMOTE_POLL_SECONDS, Watcher
 
@@ -225,10 +225,7 @@ def flaky_store(delay: float = 0.0) -> Iterator[FlakyStore]:
 def direct_location(store: FlakyStore, out: str):
     """OUT as the test sees it: straight to moto, past the relay the job goes through, with the
     credentials in the URI (the process environment has none)."""
-    bucket, _, prefix = out.removeprefix("s3://").partition("/")
-    return open_location(
-        f"s3://{S3_KEY}:{S3_SECRET}@{bucket}/{prefix}?endpoint_override=127.0.0.1:{store.moto_port}&scheme=http"
-    )
+    return watched_location(out, store.direct)
 
 
 RETRYING = "retrying for up to"  # what the driver and workers log when a read or write is retried
